@@ -1,0 +1,3 @@
+from morer1.cli import main
+
+main()

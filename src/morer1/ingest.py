@@ -1,0 +1,360 @@
+"""Ingest stage: read a folder in the official MORE layout into clean JSONL facts, crops and rejects.
+
+Nothing in the data is executed: text lines are read with `ast.literal_eval`, `.pth` files with
+`torch.load(weights_only=True)`, and image paths must stay inside `img_org/<split>/`.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import shutil
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import Field
+
+from morer1.errors import BadInputError
+from morer1.labels import NONE, load_rel2id, type_pair
+from morer1.params import StageConfig
+
+SPLITS = {"train": "train", "valid": "dev", "test": "test"}  # source file name -> output split
+MAX_LINE_CHARS = 1_000_000
+REQUIRED_FIELDS = ("token", "h", "t", "relation", "img_id")
+
+
+class IngestConfig(StageConfig):
+    """Parameters of the ingest stage."""
+
+    source: str = Field("data/demo", description="Folder in the official MORE layout to read.")
+    max_reject_fraction: float = Field(
+        0.02, ge=0.0, le=1.0, description="Fail the stage when rejected lines exceed this share of all lines."
+    )
+    box_tolerance: float = Field(
+        0.02, ge=0.0, le=0.5,
+        description="A box may leave the image by this fraction of the image side; it is then clipped.",
+    )
+
+
+class IngestError(BadInputError):
+    """The source folder cannot be ingested (missing files, unsafe .pth, bad rel2id)."""
+
+
+class RejectFractionExceeded(IngestError):
+    """More lines were rejected than `max_reject_fraction` allows (outputs were still written)."""
+
+
+class Reject(Exception):
+    """One source line is rejected: `kind` is a short code for statistics, the message says why."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    path: Path
+    width: int
+    height: int
+
+
+def pixel_box(pos, width: int, height: int, tolerance: float) -> list[int]:
+    """Pixel box [x0, y0, x1, y1] (x1, y1 exclusive) from a normalised (cx, cy, w, h) of numbers or strings."""
+    if not isinstance(pos, (list, tuple)) or len(pos) != 4:
+        raise Reject("bad_box", f"object box must be 4 values (cx, cy, w, h), got {pos!r}")
+    try:
+        cx, cy, w, h = (float(v) for v in pos)
+    except (TypeError, ValueError):
+        raise Reject("bad_box", f"object box has a non-numeric value: {pos!r}") from None
+    if not all(math.isfinite(v) for v in (cx, cy, w, h)) or w <= 0 or h <= 0:
+        raise Reject("bad_box", f"object box is not a positive finite box: {pos!r}")
+    x0, x1 = round((cx - w / 2) * width), round((cx + w / 2) * width)
+    y0, y1 = round((cy - h / 2) * height), round((cy + h / 2) * height)
+    tol_x, tol_y = tolerance * width, tolerance * height
+    if x0 < -tol_x or y0 < -tol_y or x1 > width + tol_x or y1 > height + tol_y:
+        raise Reject("box_outside_image", f"box {[x0, y0, x1, y1]} lies outside the {width}x{height} image")
+    box = [max(0, x0), max(0, y0), min(width, x1), min(height, y1)]
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise Reject("bad_box", f"box {box} is empty")
+    return box
+
+
+def parse_line(line: str) -> dict:
+    """One source line as a fact dict; Reject if it is not a complete dict literal with the MORE fields."""
+    text = line.strip()
+    if len(text) > MAX_LINE_CHARS:
+        raise Reject("not_a_literal", f"line longer than {MAX_LINE_CHARS} characters")
+    try:
+        record = ast.literal_eval(text)
+    except (SyntaxError, ValueError, MemoryError, RecursionError) as exc:
+        if text.startswith("{") and not text.endswith("}"):
+            raise Reject("truncated_line", "truncated line: the record is cut off") from None
+        raise Reject("not_a_literal", f"not a Python literal: {type(exc).__name__}: {getattr(exc, 'msg', exc)}") from None
+    if not isinstance(record, dict):
+        raise Reject("not_a_literal", f"record is a {type(record).__name__}, not a dict")
+    missing = [k for k in REQUIRED_FIELDS if k not in record]
+    if missing:
+        raise Reject("missing_field", f"missing field(s): {', '.join(missing)}")
+    return record
+
+
+def parse_entity(record: dict) -> tuple[list[str], dict]:
+    """Tokens and entity {name, start, end} of a record; Reject on a bad span."""
+    tokens = record["token"]
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise Reject("bad_tokens", "'token' must be a non-empty list of strings")
+    h = record["h"]
+    pos = h.get("pos") if isinstance(h, dict) else None
+    if not (isinstance(pos, (list, tuple)) and len(pos) == 2 and all(isinstance(p, int) for p in pos)):
+        raise Reject("bad_entity_span", f"entity 'h.pos' must be [start, end] integers, got {pos!r}")
+    start, end = pos
+    if not 0 <= start < end <= len(tokens):
+        raise Reject("bad_entity_span", f"entity span [{start}, {end}) is outside the {len(tokens)} tokens")
+    name = h.get("name")
+    name = " ".join(name) if isinstance(name, (list, tuple)) else str(name or " ".join(tokens[start:end]))
+    return tokens, {"name": name, "start": start, "end": end}
+
+
+def image_path(source: Path, split_file: str, img_id) -> Path:
+    """Path of an image, confined to `img_org/<split>/`; Reject if it would leave that folder."""
+    folder = (source / "img_org" / split_file).resolve()
+    if not isinstance(img_id, str) or not img_id or "\x00" in img_id:
+        raise Reject("image_path", f"img_id must be a non-empty string, got {img_id!r}")
+    path = (folder / img_id).resolve()
+    if path.parent != folder:
+        raise Reject("image_path", f"image path {img_id!r} leaves img_org/{split_file}/")
+    return path
+
+
+def read_image(path: Path) -> ImageInfo:
+    """Size of a readable image; Reject if missing or undecodable."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise Reject("image_missing", f"image not found: {path.name}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return ImageInfo(path, img.width, img.height)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise Reject("image_unreadable", f"unreadable image {path.name}: {exc}") from None
+
+
+def load_object_dict(path: Path) -> dict[str, dict]:
+    """`ent_<split>_dict.pth` as plain data; IngestError if it holds anything else."""
+    import pickle
+
+    import torch
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise IngestError(f"{path}: refused: not a plain-data torch file ({first})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise IngestError(f"{path}: refused: expected a dict img_id -> {{object name: box}}")
+    return data
+
+
+def load_captions(path: Path) -> dict:
+    """`caption_dict.json` if present (img_id -> object -> caption), else empty."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise IngestError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise IngestError(f"{path}:1: expected a JSON object img_id -> {{object: caption}}")
+    return data
+
+
+def _read_lines(path: Path):
+    """(line number, text) of non-blank lines; undecodable bytes are replaced so the line is rejected, not the file."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                yield lineno, line
+
+
+def _ingest_split(source, split_file, labels, captions, cfg, images, crops_dir, rejects):
+    """Good fact records of one split; rejected lines are appended to `rejects`."""
+    from PIL import Image
+
+    split = SPLITS[split_file]
+    txt = source / "txt" / f"{split_file}.txt"
+    if not txt.is_file():
+        raise IngestError(f"{txt}: missing (the MORE layout needs txt/{{train,valid,test}}.txt)")
+    facts = []
+    for lineno, line in _read_lines(txt):
+        try:
+            record = parse_line(line)
+            tokens, entity = parse_entity(record)
+            relation = record["relation"]
+            if not isinstance(relation, str) or relation not in labels:
+                raise Reject("label_not_in_set", f"label {relation!r} is not in rel2id.json")
+            key = (split_file, record["img_id"])
+            if key not in images:
+                try:
+                    images[key] = read_image(image_path(source, split_file, record["img_id"]))
+                except Reject as exc:
+                    images[key] = exc
+            info = images[key]
+            if isinstance(info, Reject):
+                raise info
+            t = record["t"]
+            if not isinstance(t, dict) or "pos" not in t:
+                raise Reject("bad_box", "object 't' must be a dict with 'name' and 'pos'")
+            box = pixel_box(t["pos"], info.width, info.height, cfg.box_tolerance)
+        except Reject as exc:
+            rejects.append({
+                "file": str(txt), "line": lineno, "kind": exc.kind, "reason": str(exc), "excerpt": line.strip()[:200],
+            })
+            continue
+        fact_id = f"{split}-{lineno:06d}"
+        crop_rel = f"crops/{split}/{fact_id}.png"
+        with Image.open(info.path) as img:
+            img.convert("RGB").crop(box).save(crops_dir / crop_rel)
+        obj_name = str(t.get("name", ""))
+        types = type_pair(relation)
+        facts.append({
+            "id": fact_id,
+            "split": split,
+            "source": f"txt/{split_file}.txt:{lineno}",
+            "img_id": record["img_id"],
+            "image": f"images/{split}/{record['img_id']}",
+            "width": info.width,
+            "height": info.height,
+            "text": str(record.get("text") or " ".join(tokens)),
+            "tokens": tokens,
+            "entity": entity,
+            "object": {
+                "name": obj_name,
+                "box": box,
+                "crop": crop_rel,
+                "caption": (captions.get(record["img_id"]) or {}).get(obj_name),
+            },
+            "relation": relation,
+            "object_type": types[0] if types else None,
+            "entity_type": types[1] if types else None,
+        })
+    return facts
+
+
+def _add_pair_counts(facts: list[dict], object_dict: dict[str, dict]) -> None:
+    """Set `pair_entities` / `pair_objects`: distinct entities and objects of each image-title pair."""
+    entities, objects = defaultdict(set), defaultdict(set)
+    for f in facts:
+        entities[f["img_id"]].add((f["entity"]["start"], f["entity"]["end"]))
+        objects[f["img_id"]].add(f["object"]["name"])
+    for f in facts:
+        known = set(object_dict.get(f["img_id"], {})) | objects[f["img_id"]]
+        f["pair_entities"] = len(entities[f["img_id"]])
+        f["pair_objects"] = len(known)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def ingest(source: str | Path, output: str | Path, cfg: IngestConfig) -> dict:
+    """Read `source` (official MORE layout) into `output`; return the summary.
+
+    Writes everything into a fresh folder and swaps it in at the end, so a crash leaves the previous
+    output intact. Raises RejectFractionExceeded after writing when too many lines were rejected.
+    """
+    source, output = Path(source), Path(output)
+    if not source.is_dir():
+        raise IngestError(f"{source}: source folder not found")
+    try:
+        labels = load_rel2id(source / "rel2id.json")
+    except FileNotFoundError:
+        raise IngestError(f"{source / 'rel2id.json'}: missing") from None
+    except ValueError as exc:
+        raise IngestError(str(exc)) from None
+    captions = load_captions(source / "caption_dict.json")
+
+    staging = output.with_name(output.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    for split in SPLITS.values():
+        (staging / "crops" / split).mkdir(parents=True)
+        (staging / "images" / split).mkdir(parents=True)
+
+    images: dict = {}
+    rejects: list[dict] = []
+    summary: dict = {"source": str(source.resolve()), "facts": {}, "lines": {}, "labels": {}}
+    for split_file, split in SPLITS.items():
+        pth = source / f"ent_{split_file}_dict.pth"
+        object_dict = load_object_dict(pth) if pth.exists() else {}
+        before = len(rejects)
+        facts = _ingest_split(source, split_file, labels, captions, cfg, images, staging, rejects)
+        _add_pair_counts(facts, object_dict)
+        for img_id in sorted({f["img_id"] for f in facts}):
+            shutil.copyfile(images[(split_file, img_id)].path, staging / "images" / split / img_id)
+        _write_jsonl(staging / f"{split}.jsonl", facts)
+        summary["facts"][split] = len(facts)
+        summary["lines"][split] = len(facts) + len(rejects) - before
+        summary["labels"][split] = dict(sorted(Counter(f["relation"] for f in facts).items()))
+
+    _write_jsonl(staging / "rejects.jsonl", rejects)
+    (staging / "labels.json").write_text(json.dumps(sorted(labels, key=labels.get), indent=1) + "\n")
+    total = sum(summary["lines"].values())
+    summary["rejects"] = len(rejects)
+    summary["reject_fraction"] = len(rejects) / total if total else 0.0
+    summary["reject_reasons"] = dict(Counter(r["kind"] for r in rejects).most_common())
+    (staging / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+    if output.exists():
+        old = output.with_name(output.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        output.rename(old)
+        staging.rename(output)
+        shutil.rmtree(old)
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(output)
+
+    if total == 0:
+        raise IngestError(f"{source / 'txt'}: no fact lines found")
+    if summary["reject_fraction"] > cfg.max_reject_fraction:
+        raise RejectFractionExceeded(
+            f"{len(rejects)} of {total} lines rejected ({summary['reject_fraction']:.1%}), more than "
+            f"ingest.max_reject_fraction={cfg.max_reject_fraction:.1%}; see {output / 'rejects.jsonl'}"
+        )
+    return summary
+
+
+def report_rejects(output: str | Path, limit: int = 50, stream=sys.stderr) -> None:
+    """Print rejects as `file:line: reason`, at most `limit` of them."""
+    path = Path(output) / "rejects.jsonl"
+    if not path.exists():
+        return
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    for row in rows[:limit]:
+        print(f"{row['file']}:{row['line']}: {row['reason']}", file=stream)
+    if len(rows) > limit:
+        print(f"... and {len(rows) - limit} more in {path}", file=stream)
+
+
+def log_to_mlflow(summary: dict, output: str | Path) -> None:
+    """Counts, reject statistics, the summary and rejects files, and each split as a dataset input."""
+    import mlflow
+    import pandas as pd
+
+    output = Path(output)
+    mlflow.log_metrics({f"facts_{split}": n for split, n in summary["facts"].items()})
+    mlflow.log_metrics({"rejects": summary["rejects"], "reject_fraction": summary["reject_fraction"]})
+    mlflow.log_metrics({f"rejects_{kind}": n for kind, n in summary["reject_reasons"].items()})
+    mlflow.log_artifact(str(output / "summary.json"))
+    mlflow.log_artifact(str(output / "rejects.jsonl"))
+    for split in summary["facts"]:
+        df = pd.read_json(output / f"{split}.jsonl", lines=True)
+        flat = df[["id", "img_id", "text", "relation"]] if len(df) else pd.DataFrame(columns=["id"])
+        dataset = mlflow.data.from_pandas(flat, source=str((output / f"{split}.jsonl").resolve()), name=f"facts-{split}")
+        mlflow.log_input(dataset, context=split)

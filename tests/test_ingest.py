@@ -1,0 +1,154 @@
+"""The ingest stage on hand-made MORE-layout folders: boxes, every reject reason, unsafe .pth files."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from more_layout import fact, read_jsonl, write_more
+from morer1.ingest import IngestConfig, IngestError, RejectFractionExceeded, ingest, pixel_box
+
+CFG = IngestConfig(max_reject_fraction=1.0, box_tolerance=0.02)
+IMAGES = {"train": {"a.jpg": (200, 100)}, "valid": {"b.jpg": (50, 40)}, "test": {"c.jpg": (64, 64)}}
+
+
+def _normalised(x0, y0, x1, y1, w, h, as_str):
+    vals = ((x0 + x1) / 2 / w, (y0 + y1) / 2 / h, (x1 - x0) / w, (y1 - y0) / h)
+    return tuple(f"{v:.6f}" for v in vals) if as_str else vals
+
+
+@pytest.mark.parametrize("as_str", [True, False])
+def test_boxes_from_strings_and_numbers_are_exact_pixels(tmp_path, as_str):
+    boxes = [(0, 0, 200, 100), (13, 7, 58, 91), (101, 33, 199, 34)]
+    lines = {"train": [fact("a.jpg", _normalised(*b, 200, 100, as_str)) for b in boxes],
+             "valid": [fact("b.jpg", _normalised(3, 5, 47, 39, 50, 40, as_str))],
+             "test": [fact("c.jpg", _normalised(1, 2, 3, 4, 64, 64, as_str))]}
+    ingest(write_more(tmp_path / "src", lines, IMAGES), tmp_path / "out", CFG)
+    train = read_jsonl(tmp_path / "out" / "train.jsonl")
+    assert [r["object"]["box"] for r in train] == [list(b) for b in boxes]
+    assert read_jsonl(tmp_path / "out" / "dev.jsonl")[0]["object"]["box"] == [3, 5, 47, 39]
+    assert read_jsonl(tmp_path / "out" / "test.jsonl")[0]["object"]["box"] == [1, 2, 3, 4]
+
+
+def test_record_shape_crops_images_and_valid_becomes_dev(tmp_path):
+    lines = {"train": [fact("a.jpg", (0.5, 0.5, 0.5, 0.5), "/per/loc/place_of_residence", entity=(3, 4),
+                            text="Alice Smith visits Paris today")],
+             "valid": [fact("b.jpg", (0.5, 0.5, 0.4, 0.5))], "test": [fact("c.jpg", (0.5, 0.5, 1, 1))]}
+    src = write_more(tmp_path / "src", lines, IMAGES,
+                     object_dicts={"train": {"a.jpg": {"woman": [0.5, 0.5, 0.5, 0.5], "flag": [0.1, 0.1, 0.1, 0.1]}}})
+    (src / "caption_dict.json").write_text(json.dumps({"a.jpg": {"woman": "a smiling woman"}}))
+    summary = ingest(src, tmp_path / "out", CFG)
+    out = tmp_path / "out"
+    assert summary["facts"] == {"train": 1, "dev": 1, "test": 1} and summary["rejects"] == 0
+    rec = read_jsonl(out / "train.jsonl")[0]
+    assert rec["id"] == "train-000001" and rec["split"] == "train" and rec["source"] == "txt/train.txt:1"
+    assert (rec["width"], rec["height"]) == (200, 100)
+    assert rec["entity"] == {"name": "Paris", "start": 3, "end": 4}
+    assert rec["object"]["box"] == [50, 25, 150, 75] and rec["object"]["caption"] == "a smiling woman"
+    assert (rec["object_type"], rec["entity_type"]) == ("per", "loc")
+    assert rec["pair_entities"] == 1 and rec["pair_objects"] == 2  # the .pth lists a second object
+    assert (out / rec["image"]).is_file()
+    from PIL import Image
+
+    with Image.open(out / rec["object"]["crop"]) as crop:
+        assert crop.size == (100, 50)
+    dev = read_jsonl(out / "dev.jsonl")[0]
+    assert dev["split"] == "dev" and dev["object_type"] is None and dev["entity_type"] is None
+    assert (out / dev["image"]).is_file() and dev["image"].startswith("images/dev/")
+    assert json.loads((out / "labels.json").read_text())[0] == "none"
+
+
+def test_each_bad_record_is_rejected_with_file_line_and_reason_and_good_ones_kept(tmp_path):
+    good = fact("a.jpg", (0.5, 0.5, 0.2, 0.2))
+    src_lines = [
+        repr(good),                                                # 1 kept
+        "this is not a dict literal",                              # 2
+        repr(fact("../../secret.jpg", (0.5, 0.5, 0.2, 0.2))),      # 3
+        repr(fact("a.jpg", (0.9, 0.5, 0.5, 0.2))),                 # 4 box leaves the image by 15%
+        repr(fact("a.jpg", (0.5, 0.5, 0.2, 0.2), "/per/per/enemy")),  # 5
+        repr(good)[:-7],                                           # 6 truncated
+        repr(fact("broken.jpg", (0.5, 0.5, 0.2, 0.2))),            # 7 unreadable image
+        repr(fact("a.jpg", (0.5, 0.5, 0.2, 0.2), entity=(3, 9))),  # 8 span beyond tokens
+        "__import__('os').system('touch pwned')",                  # 9 code, never run
+        repr(fact("a.jpg", (0.505, 0.5, 1.0, 1.0))),               # 10 within tolerance: clipped, kept
+        repr(fact("missing.jpg", (0.5, 0.5, 0.2, 0.2))),           # 11
+    ]
+    src = write_more(tmp_path / "src", {"train": src_lines}, IMAGES)
+    (src / "img_org" / "train" / "broken.jpg").write_bytes(b"not a jpeg")
+    summary = ingest(src, tmp_path / "out", CFG)
+    rejects = {r["line"]: r for r in read_jsonl(tmp_path / "out" / "rejects.jsonl")}
+    kinds = {line: r["kind"] for line, r in rejects.items()}
+    assert kinds == {2: "not_a_literal", 3: "image_path", 4: "box_outside_image", 5: "label_not_in_set",
+                     6: "truncated_line", 7: "image_unreadable", 8: "bad_entity_span", 9: "not_a_literal",
+                     11: "image_missing"}
+    assert all(r["file"] == str(src / "txt" / "train.txt") for r in rejects.values())
+    assert "'/per/per/enemy' is not in rel2id.json" in rejects[5]["reason"]
+    kept = read_jsonl(tmp_path / "out" / "train.jsonl")
+    assert [r["source"] for r in kept] == ["txt/train.txt:1", "txt/train.txt:10"]
+    assert kept[1]["object"]["box"] == [1, 0, 200, 100]  # x1 = 201 clipped to the width
+    assert summary["reject_reasons"]["not_a_literal"] == 2
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_reject_fraction_fails_after_writing_outputs(tmp_path):
+    lines = {"train": [repr(fact("a.jpg", (0.5, 0.5, 0.2, 0.2))), "{'token': ['x'"]}
+    src = write_more(tmp_path / "src", lines, IMAGES)
+    with pytest.raises(RejectFractionExceeded, match=r"1 of 2 lines rejected \(50.0%\)"):
+        ingest(src, tmp_path / "out", IngestConfig(max_reject_fraction=0.4))
+    assert len(read_jsonl(tmp_path / "out" / "train.jsonl")) == 1
+    assert read_jsonl(tmp_path / "out" / "rejects.jsonl")[0]["kind"] == "truncated_line"
+
+
+class _RunsCode:
+    """Pickles to a call of os.system: a .pth that is not plain data."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_code_running_pth_is_refused_without_side_effects(tmp_path):
+    marker = tmp_path / "pwned"
+    src = write_more(tmp_path / "src", {"train": [fact("a.jpg", (0.5, 0.5, 0.2, 0.2))]}, IMAGES)
+    torch.save({"a.jpg": {"woman": _RunsCode(marker)}}, src / "ent_train_dict.pth")
+    with pytest.raises(IngestError, match=r"ent_train_dict.pth: refused: not a plain-data torch file"):
+        ingest(src, tmp_path / "out", CFG)
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_previous_output_survives_a_failed_run(tmp_path):
+    src = write_more(tmp_path / "src", {"train": [fact("a.jpg", (0.5, 0.5, 0.2, 0.2))]}, IMAGES)
+    ingest(src, tmp_path / "out", CFG)
+    (src / "rel2id.json").write_text("{not json")
+    with pytest.raises(IngestError, match=r"rel2id.json:1: not valid JSON"):
+        ingest(src, tmp_path / "out", CFG)
+    assert len(read_jsonl(tmp_path / "out" / "train.jsonl")) == 1
+
+
+def test_pixel_box_rejects_non_numbers():
+    from morer1.ingest import Reject
+
+    with pytest.raises(Reject, match="non-numeric"):
+        pixel_box(("a", "0.1", "0.1", "0.1"), 10, 10, 0.0)
+    assert pixel_box(("0.5", "0.5", "1", "1"), 10, 10, 0.0) == [0, 0, 10, 10]
+
+
+def test_cli_reports_rejects_as_file_line_reason(tmp_path):
+    lines = {"train": [repr(fact("a.jpg", (0.5, 0.5, 0.2, 0.2))), "[1, 2"]}
+    src = write_more(tmp_path / "src", lines, IMAGES)
+    proc = subprocess.run([sys.executable, "-m", "morer1", "ingest", "--source", str(src), "--output",
+                           str(tmp_path / "out"), "--max-reject-fraction", "0.9"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{src / 'txt' / 'train.txt'}:2: not a Python literal" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "morer1", "ingest", "--source", str(src), "--output",
+                           str(tmp_path / "out"), "--max-reject-fraction", "0.1"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "more than ingest.max_reject_fraction=10.0%" in proc.stderr
