@@ -11,6 +11,7 @@ import json
 import math
 import shutil
 import sys
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -356,5 +357,8 @@ def log_to_mlflow(summary: dict, output: str | Path) -> None:
     for split in summary["facts"]:
         df = pd.read_json(output / f"{split}.jsonl", lines=True)
         flat = df[["id", "img_id", "text", "relation"]] if len(df) else pd.DataFrame(columns=["id"])
-        dataset = mlflow.data.from_pandas(flat, source=str((output / f"{split}.jsonl").resolve()), name=f"facts-{split}")
+        with warnings.catch_warnings():  # mlflow registers the local source class twice and warns about it
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(flat, source=(output / f"{split}.jsonl").resolve().as_uri(),
+                                              name=f"facts-{split}")
         mlflow.log_input(dataset, context=split)

@@ -40,11 +40,11 @@ def read_params(path: str | Path = DEFAULT_PARAMS) -> dict:
     return data
 
 
-def load_section(section: str, model: type[T], path: str | Path = DEFAULT_PARAMS, **overrides) -> T:
-    """Section `section` of the params file as `model`; keyword overrides that are not None win."""
-    values = dict(read_params(path).get(section) or {})
+def load_section(section: str, model: type[T], path: str | Path | None = DEFAULT_PARAMS, **overrides) -> T:
+    """Section `section` of the params file (None: defaults only) as `model`; overrides that are not None win."""
+    values = dict(read_params(path).get(section) or {}) if path is not None else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return model(**values)
     except ValidationError as exc:
-        raise ParamsError(f"{path}: section '{section}': {exc}") from exc
+        raise ParamsError(f"{path or 'defaults'}: section '{section}': {exc}") from exc

@@ -38,12 +38,11 @@ def setup(experiment: str | None = None):
     """Point mlflow at the tracking store and select the experiment (created on first use); return mlflow."""
     import mlflow
 
+    local = not os.environ.get("MLFLOW_TRACKING_URI")  # read first: set_tracking_uri exports the variable
     mlflow.set_tracking_uri(tracking_uri())
     name = experiment or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
     if mlflow.get_experiment_by_name(name) is None:
-        location = None
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
-            location = (state_dir() / "mlartifacts").as_uri()
+        location = (state_dir() / "mlartifacts").as_uri() if local else None
         mlflow.create_experiment(name, artifact_location=location)
     mlflow.set_experiment(name)
     return mlflow

@@ -1,0 +1,62 @@
+"""Reading a model's completion: `<think>` and `<answer>` blocks, the six steps, the label."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from morer1.labels import NONE
+
+THINK_RE = re.compile(r"<think>(.*?)</think>", re.S)
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
+STEP_RE = re.compile(r"\bstep\s*([1-9])\s*[:.)-]", re.I)
+LABEL_LIKE_RE = re.compile(r"/?\b(?:per|org|loc|misc)/(?:per|org|loc|misc)/[a-z_]+/?|\bnone\b", re.I)
+N_STEPS = 6
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """What a completion says. `label` is None when the answer is missing, several labels, or out of set."""
+
+    think: str | None
+    answer: str | None
+    label: str | None
+    steps: tuple[int, ...]
+    n_think: int
+    n_answer: int
+    well_formed: bool  # exactly one think block then exactly one answer block, nothing else outside
+
+    @property
+    def steps_in_order(self) -> bool:
+        return self.steps == tuple(range(1, N_STEPS + 1))
+
+
+def normalize_label(text: str, labels) -> str | None:
+    """The label of `labels` that `text` names (case, spaces, missing/extra slashes forgiven), else None."""
+    norm = re.sub(r"\s+", "", text.strip().lower()).strip("/")
+    if norm == NONE:
+        return NONE if NONE in labels else None
+    candidate = "/" + norm
+    return candidate if candidate in labels else None
+
+
+def answer_label(answer: str | None, labels) -> str | None:
+    """The single label of an answer; None when it is empty, names several labels, or none of the set."""
+    if answer is None or not answer.strip():
+        return None
+    if len(LABEL_LIKE_RE.findall(answer)) > 1:
+        return None
+    return normalize_label(answer, labels)
+
+
+def parse_completion(text: str, labels) -> Parsed:
+    """Parse one completion against the label set."""
+    thinks, answers = THINK_RE.findall(text), ANSWER_RE.findall(text)
+    think = thinks[0] if thinks else None
+    answer = answers[-1] if answers else None
+    steps = tuple(int(m) for m in STEP_RE.findall(think)) if think is not None else ()
+    shape = re.fullmatch(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", text, re.S)
+    well_formed = bool(shape) and len(thinks) == 1 and len(answers) == 1 and text.count("<think>") == 1 \
+        and text.count("<answer>") == 1
+    label = answer_label(answer, labels) if len(answers) == 1 else None
+    return Parsed(think, answer, label, steps, len(thinks), len(answers), well_formed)

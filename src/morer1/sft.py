@@ -1,0 +1,194 @@
+"""SFT stage: cold-start supervised fine-tuning on the synthesised rationales with TRL's SFTTrainer.
+
+Runs inside `accelerate launch` (one CPU process up to multi-node DeepSpeed, see infra/accelerate/).
+Loss is on the assistant turn only; samples longer than `max_length` are dropped, never truncated
+(truncation would cut image tokens). Checkpoints go to `checkpoint_dir` and a rerun with the same
+inputs resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from pydantic import Field
+
+from morer1.params import StageConfig
+
+
+class LoraSettings(StageConfig):
+    """peft LoRA adapter settings (merged into the saved model)."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters instead of all weights.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: tuple[str, ...] = Field(
+        ("q_proj", "k_proj", "v_proj", "o_proj"), description="Names of the linear layers that get adapters.")
+
+
+class TrainingSettings(StageConfig):
+    """Optimisation settings shared by the SFT and GRPO stages."""
+
+    accelerate_config: str = Field("infra/accelerate/cpu.yaml", description="accelerate config the stage launches with.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Epochs over the training set (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
+    per_device_train_batch_size: int = Field(4, ge=1, description="Samples per device per forward pass.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Forward passes per optimizer step.")
+    bf16: bool | None = Field(None, description="bf16 mixed precision (None: on when a CUDA GPU is present).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    logging_steps: int = Field(5, ge=1, description="Log metrics every this many steps.")
+    save_steps: int = Field(50, ge=1, description="Write a checkpoint every this many steps.")
+    save_total_limit: int = Field(2, ge=1, description="Keep at most this many checkpoints.")
+    seed: int = Field(0, description="Training seed.")
+    checkpoint_dir: str = Field(".state/checkpoints", description="Checkpoints live here, per stage; a rerun with the same inputs resumes.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="Optional LoRA adapters.")
+
+
+class SFTConfig(TrainingSettings):
+    """Parameters of the SFT stage."""
+
+    model: str = Field("models/tiny", description="Base model folder: the tiny model, or a local Qwen2.5-VL checkpoint.")
+    max_length: int = Field(1024, ge=16, description="Samples with more tokens (images included) are dropped.")
+
+
+def read_sft_rows(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def to_dataset(rows: list[dict]):
+    """A datasets.Dataset with `messages` and `images` (paths decoded to PIL images on access)."""
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"messages": r["messages"], "images": r["images"]} for r in rows])
+    return ds.cast_column("images", datasets.List(datasets.Image()))
+
+
+def sequence_length(processor, messages: list[dict], image_paths: list[str]) -> int:
+    """Tokens of a full conversation with its images, as the model sees it."""
+    from PIL import Image
+
+    text = processor.apply_chat_template(messages, tokenize=False)
+    images = [Image.open(p).convert("RGB") for p in image_paths]
+    return int(processor(text=[text], images=images, return_tensors="pt")["input_ids"].shape[1])
+
+
+def drop_overlong(rows: list[dict], processor, max_length: int) -> tuple[list[dict], int]:
+    """Rows that fit in `max_length` tokens, and how many were dropped."""
+    kept = [r for r in rows if sequence_length(processor, r["messages"], r["images"]) <= max_length]
+    return kept, len(rows) - len(kept)
+
+
+def fingerprint(*parts) -> str:
+    """Short hash identifying a training job (config, data, base model), to know when resuming is safe."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def checkpoint_folder(root: str | Path, stage: str, job: str) -> tuple[Path, str | None]:
+    """This job's checkpoint folder, and its last checkpoint when resuming; other jobs' checkpoints are cleared."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = Path(root) / stage
+    marker = folder / "JOB"
+    if folder.exists() and (not marker.exists() or marker.read_text().strip() != job):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(job + "\n")
+    return folder, get_last_checkpoint(str(folder))
+
+
+def apply_lora(model, lora: LoraSettings):
+    """Wrap the model with LoRA adapters when enabled."""
+    if not lora.enabled:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+
+
+def save_model(trainer, processor, output: Path) -> None:
+    """Save the (LoRA-merged) model and its processor to `output` from the main process."""
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    if trainer.accelerator.is_main_process:
+        if output.exists():
+            shutil.rmtree(output)
+        model.save_pretrained(output)
+        processor.save_pretrained(output)
+    trainer.accelerator.wait_for_everyone()
+
+
+def bf16_enabled(setting: bool | None) -> bool:
+    import torch
+
+    return torch.cuda.is_available() if setting is None else setting
+
+
+def train_sft(data_dir: str | Path, output: str | Path, cfg: SFTConfig) -> dict:
+    """Fine-tune `cfg.model` on `data_dir/train.jsonl` (and evaluate on `dev.jsonl` if present); save to `output`."""
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    from morer1 import tracking
+    from morer1.modeling import load_model_and_processor
+
+    tracking.setup()  # the trainer's MLflow callback logs into the project's store (into the active stage run)
+    data_dir, output = Path(data_dir), Path(output)
+    model, processor = load_model_and_processor(cfg.model)
+    train_rows, dropped = drop_overlong(read_sft_rows(data_dir / "train.jsonl"), processor, cfg.max_length)
+    if not train_rows:
+        raise ValueError(f"{data_dir / 'train.jsonl'}: no training sample fits in sft.max_length={cfg.max_length}")
+    dev_path = data_dir / "dev.jsonl"
+    dev_rows = drop_overlong(read_sft_rows(dev_path), processor, cfg.max_length)[0] if dev_path.exists() else []
+
+    job = fingerprint(cfg.model_dump(), (data_dir / "train.jsonl").read_bytes(), cfg.model)
+    ckpt_dir, last = checkpoint_folder(cfg.checkpoint_dir, "sft", job)
+    args = TRLSFTConfig(
+        output_dir=str(ckpt_dir),
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        bf16=bf16_enabled(cfg.bf16),
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="epoch" if dev_rows else "no",
+        seed=cfg.seed,
+        max_length=None,  # overlong samples were dropped above; never truncate image tokens
+        assistant_only_loss=True,
+        report_to=["mlflow"],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=bf16_enabled(None),  # pinning only helps with a CUDA device
+    )
+    trainer = SFTTrainer(
+        model=apply_lora(model, cfg.lora),
+        args=args,
+        train_dataset=to_dataset(train_rows),
+        eval_dataset=to_dataset(dev_rows) if dev_rows else None,
+        processing_class=processor,
+    )
+    result = trainer.train(resume_from_checkpoint=last)
+    save_model(trainer, processor, output)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    summary = {
+        "train_samples": len(train_rows), "dropped_overlong": dropped, "dev_samples": len(dev_rows),
+        "steps": trainer.state.global_step, "resumed_from": last, "train_loss": result.training_loss,
+        "first_logged_loss": losses[0] if losses else None, "last_logged_loss": losses[-1] if losses else None,
+    }
+    if trainer.accelerator.is_main_process:
+        (output / "sft_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary

@@ -1,0 +1,153 @@
+"""Synthesize stage: six-step rationales from a teacher, filtered into the SFT set (chat messages + images)."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from morer1.errors import BadInputError
+from morer1.labels import NONE
+from morer1.params import StageConfig
+from morer1.parsing import parse_completion
+from morer1.prompt import fact_images, prompt_messages
+from morer1.teacher_openai import OpenAITeacherConfig
+from morer1.teachers import TeacherRequest, TemplateTeacher
+
+DEFAULT_LEAKAGE = ("gold label", "gold answer", "gold relation", "gold type", "given answer", "given label",
+                   "correct answer is", "correct label is", "i was told", "i am told", "provided label",
+                   "for your information", "as instructed", "the answer is given")
+
+
+class SynthesisError(RuntimeError):
+    """Too few rationales survived: the teacher is failing (worth a retry) or the filter is too strict."""
+
+
+class SynthesizeConfig(StageConfig):
+    """Parameters of the synthesize stage."""
+
+    teacher: Literal["template", "openai"] = Field(
+        "template", description="Who writes rationales: `template` (from annotations, no endpoint) or `openai`.")
+    splits: tuple[str, ...] = Field(("train", "dev"), description="Ingested splits to synthesize for.")
+    max_facts: int | None = Field(None, ge=1, description="At most this many facts per split after balancing (None: all).")
+    none_fraction: float | None = Field(
+        0.4, ge=0.0, le=1.0, description="Down-sample `none` facts to at most this share of a split (None: keep all).")
+    seed: int = Field(0, description="Seed of the down-sampling.")
+    leakage_phrases: tuple[str, ...] = Field(
+        DEFAULT_LEAKAGE, description="A rationale containing one of these phrases (whole words, any case) is dropped as leaking the gold.")
+    min_kept_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="Fail when a split keeps less than this share of its requests (teacher down?).")
+    openai: OpenAITeacherConfig = Field(default_factory=OpenAITeacherConfig,
+                                        description="Endpoint settings of the `openai` teacher.")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def select_facts(facts: list[dict], cfg: SynthesizeConfig) -> list[dict]:
+    """Facts to explain: `none` down-sampled to `none_fraction`, then at most `max_facts`, in source order."""
+    rng = random.Random(cfg.seed)
+    related = [f for f in facts if f["relation"] != NONE]
+    nones = [f for f in facts if f["relation"] == NONE]
+    if cfg.none_fraction is not None and cfg.none_fraction < 1.0:
+        cap = int(len(related) * cfg.none_fraction / (1.0 - cfg.none_fraction))
+        nones = rng.sample(nones, min(cap, len(nones)))
+    chosen = related + nones
+    if cfg.max_facts is not None and len(chosen) > cfg.max_facts:
+        chosen = rng.sample(chosen, cfg.max_facts)
+    order = {f["id"]: i for i, f in enumerate(facts)}
+    return sorted(chosen, key=lambda f: order[f["id"]])
+
+
+def rejection_reason(completion: str | None, gold: str, labels, leakage: tuple[str, ...]) -> str | None:
+    """Why a rationale is unusable for SFT, or None when it is kept."""
+    if completion is None:
+        return "no_completion"
+    parsed = parse_completion(completion, labels)
+    if not parsed.well_formed:
+        return "unparsable"
+    if not parsed.steps_in_order:
+        return "steps_not_six_in_order"
+    if parsed.label != gold:
+        return "answer_not_gold"
+    if any(re.search(rf"\b{re.escape(phrase)}\b", completion, re.I) for phrase in leakage):
+        return "leakage"
+    return None
+
+
+def make_teacher(cfg: SynthesizeConfig):
+    if cfg.teacher == "template":
+        return TemplateTeacher()
+    from morer1.teacher_openai import OpenAITeacher
+
+    return OpenAITeacher(cfg.openai)
+
+
+def sft_example(request: TeacherRequest, completion: str) -> dict:
+    """One SFT row: the prompt turns plus the assistant's rationale, the two image paths, the gold."""
+    messages = request.messages + [{"role": "assistant", "content": [{"type": "text", "text": completion}]}]
+    return {"id": request.fact["id"], "messages": messages, "images": list(request.images),
+            "relation": request.fact["relation"]}
+
+
+def synthesize(facts_dir: str | Path, output: str | Path, cfg: SynthesizeConfig, teacher=None) -> dict:
+    """Write `<split>.jsonl` SFT sets and `report.json` (kept and rejected by reason) into `output`."""
+    facts_dir, output = Path(facts_dir), Path(output)
+    labels = tuple(json.loads((facts_dir / "labels.json").read_text()))
+    teacher = teacher or make_teacher(cfg)
+    output.mkdir(parents=True, exist_ok=True)
+    report: dict = {"teacher": cfg.teacher, "splits": {}}
+    for split in cfg.splits:
+        path = facts_dir / f"{split}.jsonl"
+        if not path.exists():
+            raise BadInputError(f"{path}: missing; synthesize.splits names a split that was not ingested")
+        facts = select_facts(read_jsonl(path), cfg)
+        requests = [TeacherRequest(f, labels, prompt_messages(f, labels), tuple(fact_images(f, facts_dir)))
+                    for f in facts]
+        completions = teacher.generate(requests)
+        kept, reasons = [], Counter()
+        for request, completion in zip(requests, completions, strict=True):
+            reason = rejection_reason(completion, request.fact["relation"], labels, cfg.leakage_phrases)
+            if reason:
+                reasons[reason] += 1
+            else:
+                kept.append(sft_example(request, completion))
+        tmp = output / f"{split}.jsonl.tmp"
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in kept:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        tmp.replace(output / f"{split}.jsonl")
+        report["splits"][split] = {"requested": len(requests), "kept": len(kept), "rejected": dict(reasons),
+                                   "labels": dict(sorted(Counter(r["relation"] for r in kept).items()))}
+    report["teacher_stats"] = getattr(teacher, "stats", {})
+    (output / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    for split, s in report["splits"].items():
+        if s["requested"] and s["kept"] < cfg.min_kept_fraction * s["requested"]:
+            raise SynthesisError(f"{split}: kept {s['kept']} of {s['requested']} rationales, less than "
+                                 f"synthesize.min_kept_fraction={cfg.min_kept_fraction}; rejected: {s['rejected']} "
+                                 f"(see {output / 'report.json'})")
+    return report
+
+
+def log_to_mlflow(report: dict, output: str | Path) -> None:
+    """Kept and rejected counts per split and reason, the report, and a sample of rationales as a table."""
+    import mlflow
+
+    output = Path(output)
+    for split, s in report["splits"].items():
+        mlflow.log_metrics({f"{split}_requested": s["requested"], f"{split}_kept": s["kept"]})
+        mlflow.log_metrics({f"{split}_rejected_{reason}": n for reason, n in s["rejected"].items()})
+    mlflow.log_artifact(str(output / "report.json"))
+    first = next(iter(report["splits"]), None)
+    if first and (output / f"{first}.jsonl").exists():
+        rows = read_jsonl(output / f"{first}.jsonl")[:20]
+        mlflow.log_table({"id": [r["id"] for r in rows], "relation": [r["relation"] for r in rows],
+                          "rationale": [r["messages"][-1]["content"][0]["text"] for r in rows]},
+                         artifact_file="rationale_samples.json")

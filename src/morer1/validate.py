@@ -1,0 +1,327 @@
+"""Validate stage: Great Expectations suites gate the data before anything trains on it.
+
+A suite is a JSON file in `expectations/` (a serialised GE ExpectationSuite) plus a builder that turns a
+stage's output into named pandas batches and the values of the suite's `{"$PARAMETER": name}`
+placeholders, so the rules are data and the numbers are params. An expectation runs on the batches named
+in its `meta.batches` (on every batch when absent). A run writes `report.json` and GE Data Docs, then
+raises DataValidationError if any expectation failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from pydantic import Field, model_validator
+
+from morer1.errors import BadInputError, GateFailedError
+from morer1.labels import NONE
+from morer1.params import StageConfig
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # read when great_expectations is imported
+
+SPLITS = ("train", "dev", "test")
+ALL = "all"  # the batch of all splits together
+ID_COLUMN = "id"  # every batch has it; failing rows are reported by it
+REPORT = "report.json"
+DATA_DOCS = "data_docs"
+FACT_COLUMNS = {  # the columns the facts suite checks, and their type
+    "id": str, "relation": str, "text": str, "n_tokens": int, "entity_start": int, "entity_end": int,
+    "width": int, "height": int, "box_x0": int, "box_y0": int, "box_x1": int, "box_y1": int,
+}
+
+
+class ValidateConfig(StageConfig):
+    """Parameters of the validate stage (the numbers the suites in `expectations/` refer to)."""
+
+    min_facts_per_split: int = Field(1, ge=0, description="Fewest facts each split must have.")
+    none_fraction_min: float = Field(0.3, ge=0.0, le=1.0, description="Lowest share of `none` facts in each split.")
+    none_fraction_max: float = Field(0.95, ge=0.0, le=1.0, description="Highest share of `none` facts in each split.")
+    max_label_fraction: float = Field(
+        0.5, gt=0.0, le=1.0, description="Highest share of one relation among the non-none facts of train."
+    )
+    max_examples: int = Field(5, ge=1, description="Failing ids listed per expectation in the report and the error.")
+    min_sft_rows: int = Field(1, ge=0, description="Fewest rationales each SFT split must keep.")
+    rationale_chars_min: int = Field(100, ge=0, description="Shortest acceptable rationale (characters of the assistant turn).")
+    rationale_chars_max: int = Field(4000, ge=1, description="Longest acceptable rationale (characters of the assistant turn).")
+
+    @model_validator(mode="after")
+    def _none_bounds_ordered(self) -> ValidateConfig:
+        if self.none_fraction_min > self.none_fraction_max:
+            raise ValueError("none_fraction_min must not exceed none_fraction_max")
+        return self
+
+
+class DataValidationError(GateFailedError):
+    """The data failed the gate: one line per failed expectation (or the malformed record), then the Data Docs."""
+
+
+@dataclass(frozen=True)
+class SuiteRun:
+    """One suite to run: `expectations/<name>.json` on `batches`, with `parameters` for its placeholders."""
+
+    name: str
+    batches: dict[str, pd.DataFrame]
+    parameters: dict[str, Any]
+
+
+def validate_data(ingested_dir: Path, out_dir: Path, cfg: ValidateConfig, sft_dir: Path | None = None,
+                  suites_dir: Path = Path("expectations")) -> dict:
+    """Gate the ingested facts (`facts` suite) and, when given, the SFT set (`sft` suite); write `out_dir`.
+
+    Raises BadInputError when a file or a suite cannot be read, DataValidationError when a record is
+    malformed or (after writing the report and Data Docs) an expectation fails.
+    """
+    (out_dir / REPORT).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / DATA_DOCS, ignore_errors=True)
+    batches, labels = fact_batches(ingested_dir)
+    runs = [SuiteRun("facts", batches, {**cfg.model_dump(), "labels": labels})]
+    if sft_dir is not None:
+        runs.append(SuiteRun("sft", sft_batches(sft_dir, labels), cfg.model_dump()))
+    return run_suites(runs, out_dir, suites_dir, cfg.max_examples)
+
+
+def sft_batches(sft_dir: Path, labels: list[str]) -> dict[str, pd.DataFrame]:
+    """One batch per SFT split file: per row, whether the answer is the gold, the steps are six in order, sizes."""
+    from morer1.parsing import parse_completion
+
+    batches = {}
+    for path in sorted(sft_dir.glob("*.jsonl")):
+        rows = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                rationale = record["messages"][-1]["content"][0]["text"]
+                parsed = parse_completion(rationale, labels)
+                rows.append({"id": record["id"], "answer_is_gold": parsed.label == record["relation"],
+                             "six_steps_in_order": parsed.well_formed and parsed.steps_in_order,
+                             "rationale_chars": len(rationale), "n_images": len(record["images"])})
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                raise DataValidationError(
+                    f"{path}:{lineno}: not an SFT row ({type(exc).__name__}: {exc})") from None
+        batches[path.stem] = pd.DataFrame(
+            rows, columns=["id", "answer_is_gold", "six_steps_in_order", "rationale_chars", "n_images"])
+    if not batches:
+        raise BadInputError(f"{sft_dir}: no SFT split files (*.jsonl); the synthesize stage writes them")
+    return batches
+
+
+def fact_batches(ingested_dir: Path) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    """The facts suite's batches (each split, and `all`) and the label set of `labels.json`."""
+    rows = {split: _read_facts(ingested_dir / f"{split}.jsonl") for split in SPLITS}
+    rows[ALL] = [row for split in SPLITS for row in rows[split]]
+    return {name: _fact_frame(r) for name, r in rows.items()}, _read_labels(ingested_dir / "labels.json")
+
+
+def _fact_row(record: dict) -> dict:
+    """The FACT_COLUMNS of one fact record; KeyError, TypeError or ValueError if it is not shaped as documented."""
+    x0, y0, x1, y1 = record["object"]["box"]
+    row = {
+        "id": record["id"], "relation": record["relation"], "text": record["text"],
+        "n_tokens": len(record["tokens"]), "entity_start": record["entity"]["start"],
+        "entity_end": record["entity"]["end"], "width": record["width"], "height": record["height"],
+        "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1,
+    }
+    wrong = [f"{k} is {type(row[k]).__name__}" for k, kind in FACT_COLUMNS.items() if type(row[k]) is not kind]
+    if wrong:
+        raise TypeError(", ".join(wrong))
+    return row
+
+
+def _read_facts(path: Path) -> list[dict]:
+    """The fact rows of one split file; DataValidationError at the first record not shaped as in docs/data.md."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: missing (the ingest stage writes it)") from None
+    rows = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(_fact_row(json.loads(line)))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataValidationError(
+                f"{path}:{lineno}: not a fact record of docs/data.md ({type(exc).__name__}: {exc})") from None
+    return rows
+
+
+def _fact_frame(rows: list[dict]) -> pd.DataFrame:
+    """Fact rows with `is_none` and `label_share`, the share of a fact's relation among the non-none rows."""
+    df = pd.DataFrame(rows, columns=list(FACT_COLUMNS))
+    is_none = df["relation"] == NONE
+    shares = df.loc[~is_none, "relation"].value_counts(normalize=True)
+    return df.assign(is_none=is_none, label_share=df["relation"].map(shares).astype(float))
+
+
+def _read_labels(path: Path) -> list[str]:
+    """The label set of `labels.json`; BadInputError if it is missing or not a list of labels."""
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: missing (the ingest stage writes it)") from None
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    if not isinstance(labels, list) or not labels or not all(isinstance(lab, str) for lab in labels):
+        raise BadInputError(f"{path}: expected a non-empty JSON list of labels")
+    return labels
+
+
+def load_suite(path: Path, run: SuiteRun) -> dict:
+    """The suite JSON at `path`; BadInputError if an expectation is unknown or malformed, or names a
+    batch or a parameter that `run` does not have."""
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+
+    try:
+        suite = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: suite not found") from None
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    for i, exp in enumerate(suite.get("expectations", [])):
+        where = f"{path}: expectation {i} ({exp.get('type')})"
+        try:
+            ExpectationConfiguration(**exp).to_domain_obj()  # GE's suite drops invalid ones with only a log line
+        except Exception as exc:  # noqa: BLE001 - GE raises pydantic, GE and type errors alike
+            raise BadInputError(f"{where}: {exc}") from None
+        unknown = set(exp.get("meta", {}).get("batches", [])) - set(run.batches)
+        if unknown:
+            raise BadInputError(f"{where}: unknown batch(es) {sorted(unknown)}; batches are {list(run.batches)}")
+        missing = set(_parameter_names(exp["kwargs"])) - set(run.parameters)
+        if missing:
+            raise BadInputError(f"{where}: no value for parameter(s) {sorted(missing)}")
+    return suite
+
+
+def _parameter_names(value) -> list[str]:
+    """Names of the `{"$PARAMETER": name}` placeholders inside `value`."""
+    if isinstance(value, dict):
+        if "$PARAMETER" in value:
+            return [value["$PARAMETER"]]
+        return [name for v in value.values() for name in _parameter_names(v)]
+    if isinstance(value, list):
+        return [name for v in value for name in _parameter_names(v)]
+    return []
+
+
+def run_suites(runs: list[SuiteRun], out_dir: Path, suites_dir: Path, max_examples: int) -> dict:
+    """Validate each run's batches with its suite; write `report.json` and Data Docs; return the report.
+
+    Raises DataValidationError, after writing both, when an expectation failed.
+    """
+    suites = {run.name: load_suite(suites_dir / f"{run.name}.json", run) for run in runs}
+    context = _context(out_dir / DATA_DOCS)
+    results = {}
+    for run in runs:
+        source = context.data_sources.add_pandas(run.name)
+        batches = {batch: _validate_batch(context, source, run, suites[run.name], batch, max_examples)
+                   for batch in run.batches}
+        results[run.name] = {"success": all(b["success"] for b in batches.values()), "batches": batches}
+
+    checks = [(f"{name}/{batch}", check) for name, suite in results.items()
+              for batch, result in suite["batches"].items() for check in result["expectations"]]
+    failures = [f"{where}: {_failure_line(check)}" for where, check in checks if not check["success"]]
+    report = {"success": not failures, "summary": {"expectations": len(checks), "failed": len(failures)},
+              "failures": failures, "data_docs": str(out_dir / DATA_DOCS / "index.html"), "suites": results}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / REPORT).write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
+    context.build_data_docs()
+    if failures:
+        raise DataValidationError("\n".join(
+            [f"{len(failures)} of {len(checks)} expectations failed:", *failures, f"Data Docs: {report['data_docs']}"]))
+    return report
+
+
+def _context(docs_dir: Path):
+    """An in-memory GE context without progress bars whose Data Docs site is `docs_dir`."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    site = context.list_data_docs_sites()["local_site"]  # by default a temporary folder
+    context.update_data_docs_site("local_site", {**site, "store_backend": {
+        "class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())}})
+    return context
+
+
+def _validate_batch(context, source, run: SuiteRun, suite: dict, batch: str, max_examples: int) -> dict:
+    """Run the expectations of `suite` that apply to `batch` as the GE suite `<run>.<batch>`; its report."""
+    import great_expectations as gx
+
+    expectations = [e for e in suite["expectations"] if batch in e.get("meta", {}).get("batches", [batch])]
+    gx_suite = context.suites.add(gx.ExpectationSuite(
+        name=f"{run.name}.{batch}", expectations=expectations, meta=dict(suite.get("meta", {})),
+        notes=suite.get("notes")))
+    data = source.add_dataframe_asset(batch).add_batch_definition_whole_dataframe(batch)
+    definition = context.validation_definitions.add(gx.ValidationDefinition(name=gx_suite.name, data=data,
+                                                                            suite=gx_suite))
+    result_format = {"result_format": "SUMMARY", "unexpected_index_column_names": [ID_COLUMN],
+                     "partial_unexpected_count": max_examples}
+    df = run.batches[batch]
+    result = definition.run(batch_parameters={"dataframe": df}, expectation_parameters=run.parameters,
+                            result_format=result_format).to_json_dict()
+    return {"success": result["success"], "rows": len(df),
+            "expectations": [_expectation_report(r, max_examples) for r in result["results"]]}
+
+
+def _expectation_report(result: dict, max_examples: int) -> dict:
+    """One expectation's outcome from GE's JSON result: what was checked, what was seen, which rows failed."""
+    config, seen = result["expectation_config"], result["result"]
+    exception = result["exception_info"]
+    if exception and "raised_exception" not in exception:  # GE keys it by metric when metrics fail
+        exception = next(iter(exception.values()))
+    return {
+        "expectation": config["type"],
+        "kwargs": {k: v for k, v in config["kwargs"].items() if k != "batch_id"},
+        "success": result["success"],
+        "observed_value": seen.get("observed_value"),
+        "element_count": seen.get("element_count"),
+        "unexpected_count": seen.get("unexpected_count"),
+        "unexpected_examples": seen.get("partial_unexpected_index_list", [])[:max_examples],
+        "exception": exception.get("exception_message") if exception and exception.get("raised_exception") else None,
+    }
+
+
+def _failure_line(check: dict) -> str:
+    """`expectation(kwargs): what was seen`, e.g. the observed value or the first failing ids."""
+    args = ", ".join(f"{k}={_short(v)}" for k, v in check["kwargs"].items())
+    head = f"{check['expectation']}({args})"
+    if check["exception"]:
+        return f"{head}: error: {check['exception']}"
+    if check["unexpected_count"] is None:
+        return f"{head}: observed {check['observed_value']}"
+    examples = ", ".join(_example(e) for e in check["unexpected_examples"])
+    return f"{head}: {check['unexpected_count']} of {check['element_count']} rows unexpected, e.g. {examples}"
+
+
+def _short(value) -> str:
+    """A kwarg for a failure line: a list of more than four values (a label set) as its length."""
+    return f"[{len(value)} values]" if isinstance(value, list) and len(value) > 4 else repr(value)
+
+
+def _example(row: dict) -> str:
+    """`<id> (column=value, ...)` of one failing row."""
+    values = ", ".join(f"{k}={v!r}" for k, v in row.items() if k != ID_COLUMN)
+    return f"{row[ID_COLUMN]} ({values})" if values else str(row[ID_COLUMN])
+
+
+def log_to_mlflow(out_dir: Path) -> None:
+    """Log the expectation counts, `report.json` and the Data Docs of `out_dir` to the active MLflow run, if written."""
+    import mlflow
+
+    path = out_dir / REPORT
+    if not path.exists():
+        return
+    summary = json.loads(path.read_text(encoding="utf-8"))["summary"]
+    mlflow.log_metrics({"expectations": summary["expectations"], "expectations_failed": summary["failed"]})
+    mlflow.log_artifact(str(path))
+    if (out_dir / DATA_DOCS).is_dir():
+        mlflow.log_artifacts(str(out_dir / DATA_DOCS), artifact_path=DATA_DOCS)

@@ -1,0 +1,88 @@
+"""End to end: the Prefect flow runs the DVC stages on a tiny demo in a copy of the project."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = {"demo_data": {"train_pairs": 16, "valid_pairs": 6, "test_pairs": 6},
+        "synthesize": {"max_facts": 16},
+        "tiny_model": {"vocab_size": 800},
+        "sft": {"max_steps": 4, "save_steps": 2, "logging_steps": 1}}
+
+
+def _project(tmp_path: Path) -> Path:
+    """A fresh git + DVC project holding this repo's pipeline files and tiny params."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("dvc.yaml", "src", "expectations", "infra"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, project / name)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=project, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=project, check=True)
+    return project
+
+
+def _flow(project: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MORER1_STATE_DIR=str(project / ".state"), PREFECT_HOME=str(tmp_path / "prefect"),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, str(REPO / "flows" / "pipeline.py"), "--project-dir", str(project)],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=1800)
+
+
+def _runs(project: Path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / '.state' / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["morer1"], output_format="list")
+
+
+@pytest.mark.e2e
+def test_flow_runs_every_stage_nested_in_one_mlflow_run_then_nothing_to_do(tmp_path):
+    project = _project(tmp_path)
+    proc = _flow(project, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    stages = list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
+    summary = json.loads((project / "data" / "ingested" / "summary.json").read_text())
+    assert summary["rejects"] == 0 and all(n > 0 for n in summary["facts"].values())
+    assert json.loads((project / "data" / "validation" / "report.json").read_text())["success"] is True
+    sft = json.loads((project / "models" / "sft" / "sft_summary.json").read_text())
+    assert sft["steps"] == 4 and sft["last_logged_loss"] < sft["first_logged_loss"]
+
+    runs = _runs(project)
+    parents = [r for r in runs if r.info.run_name == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == set(stages)
+    assert children["ingest"].data.metrics["facts_train"] == summary["facts"]["train"]
+    assert "train_loss" in children["sft"].data.metrics  # the trainer logged into the stage's nested run
+    assert parent.data.tags["dvc_lock_sha256"] != "none" and parent.data.tags["git_commit"]
+
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=project, capture_output=True, text=True)
+    assert "Data and pipelines are up to date" in status.stdout, status.stdout
+
+    # a failing gate stops the flow with the reason; it is not retried and earlier stages are skipped
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["validate"].update(none_fraction_min=0.0, none_fraction_max=0.1)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = _flow(project, tmp_path)
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    assert "stage 'validate' failed (data validation failed)" in log
+    assert log.count("Task run 'dvc-validate") <= 2 and "Retrying" not in log  # no retry of a failed gate
+    failed = [r for r in _runs(project) if r.info.run_name == "pipeline" and r.info.status == "FAILED"]
+    assert len(failed) == 1 and failed[0].data.tags["morer1.failed_stage"] == "validate"
