@@ -14,11 +14,20 @@ from PIL import Image
 from pydantic import ValidationError
 
 from morer1.demo_data import (
-    CUE_WORDS, ENTITY_NAMES, JOINS, LEADS, PALETTE, SHAPES, SPLITS, TAILS, TYPE_PAIRS, DemoDataConfig,
+    CUE_WORDS,
+    ENTITY_NAMES,
+    JOINS,
+    LEADS,
+    PALETTE,
+    SHAPES,
+    SPLITS,
+    TAILS,
+    TYPE_PAIRS,
+    DemoDataConfig,
     generate_demo,
 )
-from morer1.labels import DEFAULT_LABELS, NONE, type_pair
 from morer1.errors import BadInputError
+from morer1.labels import DEFAULT_LABELS, NONE, type_pair
 
 SMALL = dict(train_pairs=4, valid_pairs=2, test_pairs=3)
 SHAPE_TYPE = {shape: t for t, shape in SHAPES.items()}

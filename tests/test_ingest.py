@@ -6,9 +6,15 @@ import sys
 
 import pytest
 import torch
-
 from more_layout import fact, read_jsonl, write_more
-from morer1.ingest import IngestConfig, IngestError, RejectFractionExceeded, ingest, pixel_box
+
+from morer1.ingest import (
+    IngestConfig,
+    IngestError,
+    RejectFractionExceeded,
+    ingest,
+    pixel_box,
+)
 
 CFG = IngestConfig(max_reject_fraction=1.0, box_tolerance=0.02)
 IMAGES = {"train": {"a.jpg": (200, 100)}, "valid": {"b.jpg": (50, 40)}, "test": {"c.jpg": (64, 64)}}

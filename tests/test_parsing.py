@@ -14,6 +14,7 @@ SIX = "\n".join(f"Step {i}: thought {i}." for i in range(1, 7))
     ("  /PER/Per/Opponent  ", "/per/per/opponent"),
     ("/per/ per /opponent/", "/per/per/opponent"),
     ("None", NONE),
+    ("none.", NONE),
     ("/per/per/enemy", None),
     ("opponent", None),
 ])
@@ -39,6 +40,8 @@ def test_well_formed_completion():
     f"<think>{SIX}</think><think>again</think><answer>none</answer>",  # two think blocks
     f"<answer>none</answer><think>{SIX}</think>",                      # wrong order
     f"<think>{SIX}</think><answer>none</answer><answer>none</answer>",  # two answers
+    f"<think>{SIX}</think> junk </think><answer>none</answer>",         # stray closing tag
+    f"<think>{SIX}</think><answer>none</answer></answer>",
 ])
 def test_malformed_completions(text):
     assert not parse_completion(text, DEFAULT_LABELS).well_formed

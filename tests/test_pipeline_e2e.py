@@ -14,7 +14,12 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = {"demo_data": {"train_pairs": 16, "valid_pairs": 6, "test_pairs": 6},
         "synthesize": {"max_facts": 16},
         "tiny_model": {"vocab_size": 800},
-        "sft": {"max_steps": 4, "save_steps": 2, "logging_steps": 1}}
+        "sft": {"max_steps": 4, "save_steps": 2, "logging_steps": 1},
+        "difficulty": {"rollouts": 2, "max_new_tokens": 8, "max_samples": 4},
+        "curriculum": {"phases": 2},
+        "grpo": {"max_completion_length": 8, "num_generations": 2, "per_device_train_batch_size": 2},
+        "evaluate": {"max_facts": 6, "max_new_tokens": 8},
+        "register": {"max_new_tokens": 8}}
 
 
 def _project(tmp_path: Path) -> Path:
@@ -70,6 +75,19 @@ def test_flow_runs_every_stage_nested_in_one_mlflow_run_then_nothing_to_do(tmp_p
     assert set(children) == set(stages)
     assert children["ingest"].data.metrics["facts_train"] == summary["facts"]["train"]
     assert "train_loss" in children["sft"].data.metrics  # the trainer logged into the stage's nested run
+    assert "rewards/format/mean" in children["grpo"].data.metrics and "planned_share_hard" in children["curriculum"].data.metrics
+    assert (project / "models" / "grpo" / "model.safetensors").exists()
+
+    metrics = json.loads((project / "reports" / "eval" / "metrics.json").read_text())
+    assert metrics["dev"]["n"] == 6 and metrics["test"]["n"] == 6 and 0 <= metrics["test"]["f1"] <= 1
+    assert children["evaluate"].data.metrics["test_f1"] == metrics["test"]["f1"]
+    assert (project / "reports" / "eval" / "report" / "index.html").exists()
+    registered = json.loads((project / "reports" / "registry" / "registered.json").read_text())
+    assert registered["version"] == "1" and registered["promotion"]["decision"] == "promoted"
+    from mlflow import MlflowClient
+
+    model = MlflowClient().get_registered_model("morer1")
+    assert int(model.aliases["champion"]) == 1 and int(model.aliases["challenger"]) == 1
     assert parent.data.tags["dvc_lock_sha256"] != "none" and parent.data.tags["git_commit"]
 
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=project, capture_output=True, text=True)

@@ -5,42 +5,19 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
+from tiny_facts import write_facts
 
-from morer1.labels import DEFAULT_LABELS
-from morer1.sft import SFTConfig, drop_overlong, read_sft_rows, train_sft
+from morer1.files import read_jsonl
+from morer1.sft import SFTConfig, drop_overlong, train_sft
 from morer1.synthesize import SynthesizeConfig, synthesize
 from morer1.tiny_model import TinyModelConfig, build_tiny_model, sft_corpus
-
-RELATIONS = ["none", "/per/per/partner", "/per/loc/place_of_birth", "/org/loc/locate_at"]
-
-
-def _facts(root):
-    """Eight ingested facts over one 120x90 photo, with crops."""
-    (root / "images" / "train").mkdir(parents=True)
-    (root / "crops" / "train").mkdir(parents=True)
-    Image.new("RGB", (120, 90), (20, 120, 200)).save(root / "images/train/a.jpg")
-    facts = []
-    for i in range(1, 9):
-        rel = RELATIONS[i % 4]
-        types = rel.strip("/").split("/")[:2] if rel != "none" else [None, None]
-        crop = f"crops/train/train-{i:06d}.png"
-        Image.new("RGB", (30 + i, 30), (200, 10 * i, 0)).save(root / crop)
-        facts.append({"id": f"train-{i:06d}", "split": "train", "img_id": "a.jpg", "image": "images/train/a.jpg",
-                      "width": 120, "height": 90, "text": f"red partner Alice meets Bob in Lyon {i}",
-                      "tokens": [], "entity": {"name": "Lyon", "start": 6, "end": 7},
-                      "object": {"name": f"object {i}", "box": [0, 0, 30 + i, 30], "crop": crop, "caption": "a red circle"},
-                      "relation": rel, "object_type": types[0], "entity_type": types[1]})
-    (root / "train.jsonl").write_text("".join(json.dumps(f) + "\n" for f in facts))
-    (root / "labels.json").write_text(json.dumps(list(DEFAULT_LABELS)))
-    return root
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft")
-    facts = _facts(root / "facts")
+    facts = write_facts(root / "facts")
     synthesize(facts, root / "sft", SynthesizeConfig(splits=("train",), none_fraction=None))
     build_tiny_model(root / "tiny", sft_corpus(root / "sft"), TinyModelConfig(vocab_size=600))
     return root
@@ -77,6 +54,6 @@ def test_overlong_samples_are_dropped_not_truncated(setup):
     from morer1.modeling import load_model_and_processor
 
     _, processor = load_model_and_processor(setup / "tiny")
-    rows = read_sft_rows(setup / "sft" / "train.jsonl")
+    rows = read_jsonl(setup / "sft" / "train.jsonl")
     kept, dropped = drop_overlong(rows, processor, max_length=10)
     assert kept == [] and dropped == len(rows)

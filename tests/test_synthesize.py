@@ -7,7 +7,13 @@ import pytest
 from morer1.labels import DEFAULT_LABELS, NONE
 from morer1.parsing import parse_completion
 from morer1.prompt import prompt_messages, prompt_text, teacher_instruction
-from morer1.synthesize import SynthesisError, SynthesizeConfig, rejection_reason, select_facts, synthesize
+from morer1.synthesize import (
+    SynthesisError,
+    SynthesizeConfig,
+    rejection_reason,
+    select_facts,
+    synthesize,
+)
 from morer1.teachers import template_rationale
 
 LEAK = SynthesizeConfig().leakage_phrases

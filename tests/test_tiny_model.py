@@ -13,8 +13,17 @@ from pydantic import ValidationError  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from morer1.errors import BadInputError  # noqa: E402
-from morer1.modeling import ModelFolderError, image_token_count, load_model_and_processor  # noqa: E402
-from morer1.tiny_model import REASONING_TOKENS, TinyModelConfig, build_tiny_model, train_tokenizer  # noqa: E402
+from morer1.modeling import (  # noqa: E402
+    ModelFolderError,
+    image_token_count,
+    load_model_and_processor,
+)
+from morer1.tiny_model import (  # noqa: E402
+    REASONING_TOKENS,
+    TinyModelConfig,
+    build_tiny_model,
+    train_tokenizer,
+)
 
 DEMO_ANSWER = (
     "<think>\n"

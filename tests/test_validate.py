@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from morer1.errors import BadInputError
-from morer1.validate import DataValidationError, SuiteRun, ValidateConfig, fact_batches, load_suite, validate_data
+from morer1.validate import (
+    DataValidationError,
+    SuiteRun,
+    ValidateConfig,
+    fact_batches,
+    load_suite,
+    validate_data,
+)
 
 SUITES = Path(__file__).resolve().parents[1] / "expectations"
 LABELS = ["none", "/per/per/partner", "/per/loc/place_of_birth", "/org/loc/locate_at"]

@@ -7,9 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from morer1.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, BadInputError, GateFailedError
+from morer1.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_GATE_FAILED,
+    BadInputError,
+    GateFailedError,
+)
 from morer1.params import StageConfig, load_section
-
 
 
 def _config(args, section: str, model: type[StageConfig], **overrides) -> StageConfig:
@@ -105,6 +109,121 @@ def cmd_sft(args) -> None:
         print(f"sft: {summary['steps']} steps, loss {summary['first_logged_loss']} -> {summary['last_logged_loss']}")
 
 
+def cmd_difficulty(args) -> None:
+    from morer1 import tracking
+    from morer1.curriculum import (
+        DifficultyConfig,
+        estimate_difficulty,
+        log_difficulty,
+        write_difficulty,
+    )
+
+    cfg = _config(args, "difficulty", DifficultyConfig)
+    labels = tuple(json.loads((Path(args.facts) / "labels.json").read_text()))
+    with tracking.stage_run("difficulty", cfg):
+        rows = estimate_difficulty(Path(args.model), Path(args.facts), cfg, labels)
+        summary = write_difficulty(rows, Path(args.out))
+        log_difficulty(summary, Path(args.out))
+    print(f"difficulty: {json.dumps({k: summary[k] for k in ('solved', 'learnable', 'hard')})}")
+
+
+def cmd_curriculum(args) -> None:
+    from morer1 import tracking
+    from morer1.curriculum import (
+        CurriculumConfig,
+        build_stream,
+        log_plan,
+        read_difficulty,
+        write_stream,
+    )
+
+    cfg = _config(args, "curriculum", CurriculumConfig)
+    with tracking.stage_run("curriculum", cfg):
+        stream, plan = build_stream(read_difficulty(Path(args.difficulty)), cfg)
+        write_stream(stream, plan, Path(args.out))
+        log_plan(plan, Path(args.out))
+    print(f"curriculum ({cfg.mode}): {len(stream)} prompts -> {args.out}")
+
+
+def cmd_grpo(args) -> None:
+    from contextlib import nullcontext
+
+    from accelerate import PartialState
+
+    from morer1 import tracking
+    from morer1.grpo import GRPOConfig, train_grpo
+
+    cfg = _config(args, "grpo", GRPOConfig)
+    main_process = PartialState().is_main_process
+    with tracking.stage_run("grpo", cfg) if main_process else nullcontext():
+        summary = train_grpo(Path(args.facts), Path(args.stream), Path(args.out), cfg)
+    if main_process:
+        print(f"grpo: {summary['steps']} steps, reward {summary['reward_first']} -> {summary['reward_last']}")
+
+
+def cmd_evaluate(args) -> None:
+    from morer1 import tracking
+    from morer1.evaluate import EvaluateConfig, evaluate, log_to_mlflow
+
+    cfg = _config(args, "evaluate", EvaluateConfig)
+    with tracking.stage_run("evaluate", cfg):
+        summary = evaluate(Path(args.facts), Path(args.out), cfg)
+        log_to_mlflow(summary, Path(args.out))
+    dev, test = summary["results"]["dev"], summary["results"]["test"]
+    base = test["baselines"]["majority"]
+    print(f"chosen on dev: {summary['selection']['chosen']}; dev F1 {dev['f1']:.4f}; test F1 {test['f1']:.4f}, "
+          f"accuracy {test['accuracy']:.4f} (majority baseline: F1 {base['f1']:.4f}, accuracy {base['accuracy']:.4f})")
+
+
+def cmd_register(args) -> None:
+    from morer1 import tracking
+    from morer1.registry import RegisterConfig, promote, register_model
+
+    cfg = _config(args, "register", RegisterConfig)
+    eval_dir = Path(args.eval)
+    selection = json.loads((eval_dir / "selection.json").read_text())
+    flat = json.loads((eval_dir / "metrics.json").read_text())
+    metrics = {f"{split}_{k}": v for split in ("dev", "test") for k, v in flat[split].items()
+               if not k.startswith(("baseline_", "by_case_"))}
+    with tracking.stage_run("register", cfg):
+        import mlflow
+
+        version = register_model(selection["chosen"], Path(args.facts) / "labels.json", cfg, metrics,
+                                 {"model_dir": selection["chosen"]})
+        decision = promote(cfg)
+        mlflow.log_dict(decision, "promotion.json")
+        mlflow.set_tags({"morer1.registered_version": version.version, "morer1.promotion": decision["decision"]})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "registered.json").write_text(json.dumps({"model_name": cfg.model_name, "version": str(version.version),
+                                                     "promotion": decision}, indent=1) + "\n")
+    print(f"registered {cfg.model_name} version {version.version} as challenger; {decision['decision']}: "
+          f"{decision['reason']}")
+
+
+def cmd_promote(args) -> None:
+    from morer1.registry import RegisterConfig, promote
+
+    decision = promote(_config(args, "register", RegisterConfig))
+    print(f"{decision['decision']}: {decision['reason']}")
+
+
+def cmd_predict(args) -> None:
+    from morer1.predict import predict_jsonl, predict_one
+
+    if args.jsonl:
+        if not args.output:
+            raise BadInputError("--jsonl needs --output")
+        n = predict_jsonl(args.model, args.jsonl, args.output)
+        print(f"{n} predictions -> {args.output}")
+        return
+    missing = [name for name in ("image", "title", "entity", "box") if getattr(args, name) is None]
+    if missing:
+        raise BadInputError(f"missing --{', --'.join(missing)} (or use --jsonl)")
+    result = predict_one(args.model, args.image, args.title, args.entity, args.box)
+    print(f"label: {result['label']}\nrationale: {result['rationale']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="morer1", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml if present)")
@@ -141,6 +260,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="SFT set folder (train.jsonl, optional dev.jsonl)")
     p.add_argument("--out", required=True, help="folder for the fine-tuned model and processor")
     p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("difficulty", help="pass rate of each training fact over k rollouts of the SFT model")
+    p.add_argument("--model", required=True, help="model folder (the SFT checkpoint)")
+    p.add_argument("--facts", required=True, help="ingested facts folder")
+    p.add_argument("--out", required=True, help="folder for difficulty.jsonl and its summary")
+    p.set_defaults(func=cmd_difficulty)
+
+    p = sub.add_parser("curriculum", help="order the RL samples by Progressive Sample-Mixing (or uniformly)")
+    p.add_argument("--difficulty", required=True, help="folder written by `morer1 difficulty`")
+    p.add_argument("--out", required=True, help="folder for stream.jsonl and plan.json")
+    p.set_defaults(func=cmd_curriculum)
+
+    p = sub.add_parser("grpo", help="GRPO on the curriculum stream (run under `accelerate launch`)")
+    p.add_argument("--facts", required=True, help="ingested facts folder")
+    p.add_argument("--stream", required=True, help="folder written by `morer1 curriculum`")
+    p.add_argument("--out", required=True, help="folder for the trained model and processor")
+    p.set_defaults(func=cmd_grpo)
+
+    p = sub.add_parser("evaluate", help="score candidate models on dev, the chosen one on test; metrics and report")
+    p.add_argument("--facts", required=True, help="ingested facts folder")
+    p.add_argument("--out", required=True, help="folder for metrics, plots, predictions and the report")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("register", help="register the chosen model as challenger and run the promotion gate")
+    p.add_argument("--facts", required=True, help="ingested facts folder (for labels.json)")
+    p.add_argument("--eval", required=True, help="folder written by `morer1 evaluate`")
+    p.add_argument("--out", required=True, help="folder for registered.json")
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("promote", help="move alias champion to the challenger if it beats the champion on dev")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("predict", help="label and rationale for one input, or a JSONL batch")
+    p.add_argument("--model", default="models:/morer1@champion", help="model URI or folder (default: the champion)")
+    p.add_argument("--image", help="image file (or base64 bytes)")
+    p.add_argument("--title", help="news title")
+    p.add_argument("--entity", help="target entity as written in the title")
+    p.add_argument("--box", type=int, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), help="object box in pixels")
+    p.add_argument("--jsonl", help="batch mode: one input per line with image, title, entity, box")
+    p.add_argument("--output", help="batch mode: where to write the predictions")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from morer1.errors import BadInputError
+from morer1.files import swap_in
 from morer1.labels import DEFAULT_LABELS, NONE, TYPES, labels_for_pair, type_pair
 from morer1.params import StageConfig
 
@@ -331,13 +332,5 @@ def generate_demo(out_dir: Path, cfg: DemoDataConfig) -> dict:
     (staging / "rel2id.json").write_text(json.dumps({label: i for i, label in enumerate(DEFAULT_LABELS)}) + "\n")
     (staging / "caption_dict.json").write_text(json.dumps(captions, indent=1) + "\n")
 
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-        staging.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(out_dir)
+    swap_in(staging, out_dir)
     return summary

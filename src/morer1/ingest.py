@@ -19,7 +19,8 @@ from pathlib import Path
 from pydantic import Field
 
 from morer1.errors import BadInputError
-from morer1.labels import NONE, load_rel2id, type_pair
+from morer1.files import swap_in, write_jsonl
+from morer1.labels import load_rel2id, type_pair
 from morer1.params import StageConfig
 
 SPLITS = {"train": "train", "valid": "dev", "test": "test"}  # source file name -> output split
@@ -258,12 +259,6 @@ def _add_pair_counts(facts: list[dict], object_dict: dict[str, dict]) -> None:
         f["pair_objects"] = len(known)
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def ingest(source: str | Path, output: str | Path, cfg: IngestConfig) -> dict:
     """Read `source` (official MORE layout) into `output`; return the summary.
 
@@ -298,12 +293,12 @@ def ingest(source: str | Path, output: str | Path, cfg: IngestConfig) -> dict:
         _add_pair_counts(facts, object_dict)
         for img_id in sorted({f["img_id"] for f in facts}):
             shutil.copyfile(images[(split_file, img_id)].path, staging / "images" / split / img_id)
-        _write_jsonl(staging / f"{split}.jsonl", facts)
+        write_jsonl(staging / f"{split}.jsonl", facts)
         summary["facts"][split] = len(facts)
         summary["lines"][split] = len(facts) + len(rejects) - before
         summary["labels"][split] = dict(sorted(Counter(f["relation"] for f in facts).items()))
 
-    _write_jsonl(staging / "rejects.jsonl", rejects)
+    write_jsonl(staging / "rejects.jsonl", rejects)
     (staging / "labels.json").write_text(json.dumps(sorted(labels, key=labels.get), indent=1) + "\n")
     total = sum(summary["lines"].values())
     summary["rejects"] = len(rejects)
@@ -311,15 +306,7 @@ def ingest(source: str | Path, output: str | Path, cfg: IngestConfig) -> dict:
     summary["reject_reasons"] = dict(Counter(r["kind"] for r in rejects).most_common())
     (staging / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
-    if output.exists():
-        old = output.with_name(output.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        output.rename(old)
-        staging.rename(output)
-        shutil.rmtree(old)
-    else:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(output)
+    swap_in(staging, output)
 
     if total == 0:
         raise IngestError(f"{source / 'txt'}: no fact lines found")

@@ -32,8 +32,8 @@ class Parsed:
 
 
 def normalize_label(text: str, labels) -> str | None:
-    """The label of `labels` that `text` names (case, spaces, missing/extra slashes forgiven), else None."""
-    norm = re.sub(r"\s+", "", text.strip().lower()).strip("/")
+    """The label of `labels` that `text` names (case, spaces, missing/extra slashes, a final period forgiven), else None."""
+    norm = re.sub(r"\s+", "", text.strip().lower()).rstrip(".").strip("/")
     if norm == NONE:
         return NONE if NONE in labels else None
     candidate = "/" + norm
@@ -56,7 +56,6 @@ def parse_completion(text: str, labels) -> Parsed:
     answer = answers[-1] if answers else None
     steps = tuple(int(m) for m in STEP_RE.findall(think)) if think is not None else ()
     shape = re.fullmatch(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", text, re.S)
-    well_formed = bool(shape) and len(thinks) == 1 and len(answers) == 1 and text.count("<think>") == 1 \
-        and text.count("<answer>") == 1
+    well_formed = bool(shape) and all(text.count(tag) == 1 for tag in ("<think>", "</think>", "<answer>", "</answer>"))
     label = answer_label(answer, labels) if len(answers) == 1 else None
     return Parsed(think, answer, label, steps, len(thinks), len(answers), well_formed)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from morer1.files import read_jsonl
 from morer1.params import StageConfig
 
 
@@ -53,11 +54,6 @@ class SFTConfig(TrainingSettings):
 
     model: str = Field("models/tiny", description="Base model folder: the tiny model, or a local Qwen2.5-VL checkpoint.")
     max_length: int = Field(1024, ge=16, description="Samples with more tokens (images included) are dropped.")
-
-
-def read_sft_rows(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def to_dataset(rows: list[dict]):
@@ -144,11 +140,11 @@ def train_sft(data_dir: str | Path, output: str | Path, cfg: SFTConfig) -> dict:
     tracking.setup()  # the trainer's MLflow callback logs into the project's store (into the active stage run)
     data_dir, output = Path(data_dir), Path(output)
     model, processor = load_model_and_processor(cfg.model)
-    train_rows, dropped = drop_overlong(read_sft_rows(data_dir / "train.jsonl"), processor, cfg.max_length)
+    train_rows, dropped = drop_overlong(read_jsonl(data_dir / "train.jsonl"), processor, cfg.max_length)
     if not train_rows:
         raise ValueError(f"{data_dir / 'train.jsonl'}: no training sample fits in sft.max_length={cfg.max_length}")
     dev_path = data_dir / "dev.jsonl"
-    dev_rows = drop_overlong(read_sft_rows(dev_path), processor, cfg.max_length)[0] if dev_path.exists() else []
+    dev_rows = drop_overlong(read_jsonl(dev_path), processor, cfg.max_length)[0] if dev_path.exists() else []
 
     job = fingerprint(cfg.model_dump(), (data_dir / "train.jsonl").read_bytes(), cfg.model)
     ckpt_dir, last = checkpoint_folder(cfg.checkpoint_dir, "sft", job)

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field
 
 from morer1.errors import BadInputError
+from morer1.files import read_jsonl
 from morer1.labels import NONE
 from morer1.params import StageConfig
 from morer1.parsing import parse_completion
@@ -44,11 +45,6 @@ class SynthesizeConfig(StageConfig):
         0.5, ge=0.0, le=1.0, description="Fail when a split keeps less than this share of its requests (teacher down?).")
     openai: OpenAITeacherConfig = Field(default_factory=OpenAITeacherConfig,
                                         description="Endpoint settings of the `openai` teacher.")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def select_facts(facts: list[dict], cfg: SynthesizeConfig) -> list[dict]:

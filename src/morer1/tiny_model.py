@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field, model_validator
 
 from morer1.errors import BadInputError
+from morer1.files import swap_in
 from morer1.modeling import image_token_count
 from morer1.params import StageConfig
 
@@ -143,7 +144,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     Special tokens are dropped by `decode(..., skip_special_tokens=True)`; `<think>`, `</think>`, `<answer>`,
     `</answer>` are single tokens that decoding keeps. EOS is `<|im_end|>`, padding `<|endoftext|>` on the left.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
@@ -261,9 +270,7 @@ def build_tiny_model(out_dir: Path, texts: Iterable[str], cfg: TinyModelConfig) 
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     processor.save_pretrained(staging)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
+    swap_in(staging, out_dir)
 
     return {
         "path": str(out_dir),

@@ -177,7 +177,9 @@ def _read_labels(path: Path) -> list[str]:
 def load_suite(path: Path, run: SuiteRun) -> dict:
     """The suite JSON at `path`; BadInputError if an expectation is unknown or malformed, or names a
     batch or a parameter that `run` does not have."""
-    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+    from great_expectations.expectations.expectation_configuration import (
+        ExpectationConfiguration,
+    )
 
     try:
         suite = json.loads(path.read_text(encoding="utf-8"))

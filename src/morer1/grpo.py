@@ -1,0 +1,163 @@
+"""GRPO stage: reinforcement learning from the SFT checkpoint with rule-based rewards, on the curriculum stream.
+
+Runs inside `accelerate launch`. The training order is the curriculum stream's order (`shuffle_dataset` off),
+so phases arrive as planned; resuming from a checkpoint continues at the same data position.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from morer1.files import read_jsonl
+from morer1.rewards import RewardsConfig
+from morer1.sft import (
+    TrainingSettings,
+    apply_lora,
+    bf16_enabled,
+    checkpoint_folder,
+    fingerprint,
+    save_model,
+)
+
+
+class GRPOConfig(TrainingSettings):
+    """Parameters of the GRPO stage."""
+
+    model: str = Field("models/sft", description="Starting model folder (the SFT checkpoint).")
+    num_generations: int = Field(4, ge=2, description="Completions per prompt (the group of GRPO).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+    beta: float = Field(0.04, ge=0, description="KL coefficient against the reference (SFT) model; 0 drops the reference.")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field("grpo", description="TRL loss normalisation.")
+    max_completion_length: int = Field(256, ge=1, description="Longest completion generated per rollout, in tokens.")
+    use_vllm: bool = Field(False, description="Generate with vLLM (GPU nodes only; needs `pip install vllm`).")
+    vllm_mode: Literal["colocate", "server"] = Field("colocate", description="vLLM in the training processes or a separate server.")
+    completions_log_every: int = Field(10, ge=1, description="Log a table of completions to MLflow every this many steps.")
+    rewards: RewardsConfig = Field(default_factory=RewardsConfig, description="Reward components and weights.")
+
+
+def rl_dataset(stream: list[dict], facts_dir: Path, labels: tuple[str, ...]):
+    """The stream as a datasets.Dataset, in stream order: prompt turns, the two images, the gold, phase and pool."""
+    import datasets
+
+    from morer1.prompt import fact_images, prompt_messages
+
+    facts = {f["id"]: f for f in read_jsonl(facts_dir / "train.jsonl")}
+    missing = [item["id"] for item in stream if item["id"] not in facts]
+    if missing:
+        raise ValueError(f"curriculum stream names facts missing from {facts_dir / 'train.jsonl'}: {missing[:5]}")
+    rows = [{"id": item["id"], "prompt": prompt_messages(facts[item["id"]], labels),
+             "images": fact_images(facts[item["id"]], facts_dir), "relation": facts[item["id"]]["relation"],
+             "phase": item["phase"], "pool": item["pool"]} for item in stream]
+    return datasets.Dataset.from_list(rows).cast_column("images", datasets.List(datasets.Image()))
+
+
+def make_trainer_class():
+    """GRPOTrainer that records the curriculum position of each step and logs completion tables to MLflow."""
+    from trl import GRPOTrainer
+
+    class CurriculumGRPOTrainer(GRPOTrainer):
+        completions_log_every = 10
+
+        def _generate_and_score_completions(self, inputs):
+            mode = "train" if self.model.training else "eval"
+            if mode == "train":
+                phases = [x["phase"] for x in inputs]
+                pools = [x["pool"] for x in inputs]
+                self._metrics[mode]["curriculum/phase"].append(sum(phases) / len(phases))
+                for pool in ("learnable", "hard", "solved"):
+                    self._metrics[mode][f"curriculum/share_{pool}"].append(pools.count(pool) / len(pools))
+                self.seen_ids.append([x["id"] for x in inputs])
+            return super()._generate_and_score_completions(inputs)
+
+        def log(self, logs, start_time=None):
+            step = self.state.global_step
+            if (self.accelerator.is_main_process and step and step % self.completions_log_every == 0
+                    and self._logs["completion"] and "loss" in logs):
+                log_completion_table(self._logs, step)
+            super().log(logs, start_time)
+
+    return CurriculumGRPOTrainer
+
+
+def log_completion_table(logs, step: int) -> None:
+    """A sample of the latest completions with their reward components and advantages, as an MLflow table."""
+    import mlflow
+
+    def text(message):
+        return message if isinstance(message, str) else " ".join(str(m.get("content", "")) for m in message)
+
+    table = {"step": [step] * len(logs["completion"]),
+             "completion": [text(c) for c in logs["completion"]],
+             "advantage": list(logs["advantages"])}
+    table.update({f"reward_{name}": list(values) for name, values in logs["rewards"].items()})
+    mlflow.log_table(table, artifact_file=f"completions/step_{step:06d}.json")
+
+
+def train_grpo(facts_dir: str | Path, stream_dir: str | Path, output: str | Path, cfg: GRPOConfig) -> dict:
+    """Train `cfg.model` with GRPO on the curriculum stream of `stream_dir`; save to `output`; return a summary."""
+    from trl import GRPOConfig as TRLGRPOConfig
+
+    from morer1 import tracking
+    from morer1.modeling import load_model_and_processor
+    from morer1.rewards import build_reward_funcs
+
+    tracking.setup()
+    facts_dir, stream_dir, output = Path(facts_dir), Path(stream_dir), Path(output)
+    labels = tuple(json.loads((facts_dir / "labels.json").read_text()))
+    stream = read_jsonl(stream_dir / "stream.jsonl")
+    dataset = rl_dataset(stream, facts_dir, labels)
+    reward_funcs, weights = build_reward_funcs(cfg.rewards, labels)
+    model, processor = load_model_and_processor(cfg.model)
+
+    job = fingerprint(cfg.model_dump(), (stream_dir / "stream.jsonl").read_bytes(), cfg.model)
+    ckpt_dir, last = checkpoint_folder(cfg.checkpoint_dir, "grpo", job)
+    args = TRLGRPOConfig(
+        output_dir=str(ckpt_dir),
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        bf16=bf16_enabled(cfg.bf16),
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        num_generations=cfg.num_generations,
+        temperature=cfg.temperature,
+        beta=cfg.beta,
+        loss_type=cfg.loss_type,
+        max_completion_length=cfg.max_completion_length,
+        reward_weights=weights,
+        shuffle_dataset=False,  # the curriculum's order is the training order
+        use_vllm=cfg.use_vllm,
+        vllm_mode=cfg.vllm_mode,
+        report_to=["mlflow"],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=bf16_enabled(None),
+    )
+    trainer_class = make_trainer_class()
+    trainer_class.completions_log_every = cfg.completions_log_every
+    trainer = trainer_class(model=apply_lora(model, cfg.lora), reward_funcs=reward_funcs, args=args,
+                            train_dataset=dataset, processing_class=processor)
+    trainer.seen_ids = []
+    params_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train(resume_from_checkpoint=last)
+    changed = sum(not p.detach().equal(params_before[n]) for n, p in trainer.model.named_parameters() if n in params_before)
+    save_model(trainer, processor, output)
+    history = [e for e in trainer.state.log_history if "loss" in e]
+    summary = {
+        "steps": trainer.state.global_step, "resumed_from": last, "stream_prompts": len(stream),
+        "changed_tensors": changed, "trained_ids": trainer.seen_ids,
+        "reward_first": history[0].get("reward") if history else None,
+        "reward_last": history[-1].get("reward") if history else None,
+    }
+    if trainer.accelerator.is_main_process:
+        (output / "grpo_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary

@@ -1,0 +1,222 @@
+"""MORE metrics (DESIGN §1): accuracy, micro/macro P/R/F1 without `none`, per relation, confusion, by case.
+
+Definitions, fixed here once for every stage that reports a number:
+
+- A *prediction* is a label of the set, or None when the model's answer is invalid (unparsable,
+  several labels, out of the set). A string that is not in the label set is treated as invalid too.
+- `accuracy` = facts whose prediction equals the gold / all facts. `none` counts like any label;
+  an invalid answer is always wrong.
+- Micro `precision` = correct non-`none` predictions / non-`none` predictions;
+  `recall` = correct non-`none` predictions / non-`none` gold facts; `f1` = their harmonic mean.
+  An invalid answer is **not** a non-`none` prediction: it does not enter the precision denominator.
+  When its gold is a relation it is a miss for recall. (So a model that answers invalidly whenever it
+  is unsure loses recall but not precision; read `invalid_rate` next to P.)
+- Macro P/R/F1: the unweighted mean, over the relations (non-`none` labels) that occur in the gold or
+  in the predictions, of the per-relation P, R and F1 (macro F1 is the mean of the per-relation F1s,
+  not the harmonic mean of macro P and macro R). Relations absent from both are left out, since they
+  say nothing about the model; a relation predicted but never gold counts with recall 0, one gold but
+  never predicted with precision 0.
+- Every ratio with a zero denominator is 0 (never a division error, never NaN).
+- `by_case`: the MORE slices by the number of distinct entities (1 or N) and objects (1 or N) of the
+  fact's image-title pair; only slices that hold at least one fact are reported.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from morer1.labels import NONE
+
+INVALID = "invalid"  # confusion column (and CSV value) of an invalid answer
+CASES = ("1ent_1obj", "1ent_Nobj", "Nent_1obj", "Nent_Nobj")
+SUMMARY_KEYS = ("accuracy", "precision", "recall", "f1", "macro_precision", "macro_recall", "macro_f1",
+                "invalid_rate", "n")
+
+
+def _div(num: float, den: float) -> float:
+    return num / den if den else 0.0
+
+
+def _f1(p: float, r: float) -> float:
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
+def _case(n_entities: int, n_objects: int) -> str:
+    if n_entities < 1 or n_objects < 1:
+        raise ValueError(f"pair counts must be >= 1, got entities={n_entities} objects={n_objects}")
+    return f"{'1' if n_entities == 1 else 'N'}ent_{'1' if n_objects == 1 else 'N'}obj"
+
+
+def _micro(golds: Sequence[str], preds: Sequence[str | None]) -> dict:
+    """n, accuracy, micro P/R/F1 and invalid rate of already-cleaned lists (invalid = None)."""
+    n = len(golds)
+    correct_all = sum(g == p for g, p in zip(golds, preds))
+    # An invalid answer (None) is not a non-none prediction: it stays out of the precision denominator,
+    # but a non-none gold it answers is still a miss in the recall denominator.
+    predicted_pos = sum(p is not None and p != NONE for p in preds)
+    gold_pos = sum(g != NONE for g in golds)
+    correct_pos = sum(g == p and g != NONE for g, p in zip(golds, preds))
+    precision, recall = _div(correct_pos, predicted_pos), _div(correct_pos, gold_pos)
+    invalid = sum(p is None for p in preds)
+    return {"n": n, "accuracy": _div(correct_all, n), "precision": precision, "recall": recall,
+            "f1": _f1(precision, recall), "invalid_rate": _div(invalid, n)}
+
+
+def compute_metrics(golds: list[str], preds: list[str | None], labels, *, pair_entities=None,
+                    pair_objects=None) -> dict:
+    """All MORE metrics of one evaluation (definitions in the module docstring).
+
+    `golds` are labels of `labels`; `preds` labels or None for an invalid answer (a string outside
+    `labels` is counted as invalid). `pair_entities` / `pair_objects` (ints per fact, from the ingested
+    records) add `by_case`. Returns a JSON-serialisable dict: accuracy, precision, recall, f1,
+    macro_precision, macro_recall, macro_f1, invalid_rate, n_invalid, n, per_relation (rows for every
+    relation of the set, then a `none` row for information only), confusion (gold -> predicted ->
+    count, with an `invalid` column), and by_case when pair counts are given.
+    """
+    labels = list(dict.fromkeys(labels))
+    label_set = set(labels)
+    golds, preds = list(golds), list(preds)
+    if len(golds) != len(preds):
+        raise ValueError(f"{len(golds)} golds but {len(preds)} predictions")
+    unknown = sorted({g for g in golds if g not in label_set}, key=str)
+    if unknown:
+        raise ValueError(f"gold labels not in the label set: {unknown[:5]}")
+    # Out-of-set predictions are invalid answers (DESIGN §1): normalise them to None.
+    preds = [p if p in label_set else None for p in preds]
+
+    out = _micro(golds, preds)
+    n_invalid = sum(p is None for p in preds)
+
+    gold_count = Counter(golds)
+    pred_count = Counter(p for p in preds if p is not None)
+    correct_count = Counter(g for g, p in zip(golds, preds) if g == p)
+    relations = [lab for lab in labels if lab != NONE]
+    rows = []
+    for lab in relations + ([NONE] if NONE in label_set else []):
+        p = _div(correct_count[lab], pred_count[lab])
+        r = _div(correct_count[lab], gold_count[lab])
+        rows.append({"label": lab, "support": gold_count[lab], "predicted": pred_count[lab],
+                     "correct": correct_count[lab], "precision": p, "recall": r, "f1": _f1(p, r)})
+
+    # Macro over the relations seen in gold or prediction; `none` never enters.
+    seen = [row for row in rows if row["label"] != NONE and (row["support"] or row["predicted"])]
+    macro = {f"macro_{k}": _div(sum(row[k] for row in seen), len(seen)) for k in ("precision", "recall", "f1")}
+
+    confusion = {g: {c: 0 for c in labels + [INVALID]} for g in labels}
+    for g, p in zip(golds, preds):
+        confusion[g][INVALID if p is None else p] += 1
+
+    out.update(macro)
+    out.update({"n_invalid": n_invalid, "per_relation": rows, "confusion": confusion})
+    out = {k: out[k] for k in (*SUMMARY_KEYS, "n_invalid", "per_relation", "confusion")}
+
+    if (pair_entities is None) != (pair_objects is None):
+        raise ValueError("give both pair_entities and pair_objects, or neither")
+    if pair_entities is not None:
+        pair_entities, pair_objects = list(pair_entities), list(pair_objects)
+        if not len(pair_entities) == len(pair_objects) == len(golds):
+            raise ValueError("pair_entities / pair_objects must have one value per fact")
+        groups: dict[str, list[int]] = {}
+        for i, (ne, no) in enumerate(zip(pair_entities, pair_objects)):
+            groups.setdefault(_case(int(ne), int(no)), []).append(i)
+        out["by_case"] = {case: _micro([golds[i] for i in groups[case]], [preds[i] for i in groups[case]])
+                          for case in CASES if case in groups}
+    return out
+
+
+def baselines(train_golds, eval_golds, labels, seed: int = 0) -> dict:
+    """Reference points for the eval numbers: `majority` and `random`, each a compute_metrics result.
+
+    `majority` always answers the most frequent train label (ties: first in the label set); on MORE
+    that is `none`, so its P = R = F1 = 0 and its accuracy is the `none` share. `random` draws each
+    answer from the train label distribution with a seeded generator. Each result also carries the
+    baseline's `label` (majority) or `distribution` (random).
+    """
+    import numpy as np
+
+    labels = list(dict.fromkeys(labels))
+    counts = Counter(train_golds)
+    if not counts:
+        raise ValueError("baselines need at least one train label")
+    unknown = sorted(set(counts) - set(labels), key=str)
+    if unknown:
+        raise ValueError(f"train labels not in the label set: {unknown[:5]}")
+    eval_golds = list(eval_golds)
+    order = [lab for lab in labels if counts[lab]]
+    top = max(order, key=lambda lab: (counts[lab], -order.index(lab)))
+    majority = compute_metrics(eval_golds, [top] * len(eval_golds), labels)
+    majority["label"] = top
+    total = sum(counts.values())
+    probs = [counts[lab] / total for lab in order]
+    rng = np.random.default_rng(seed)
+    drawn = [order[i] for i in rng.choice(len(order), size=len(eval_golds), p=probs)] if eval_golds else []
+    rand = compute_metrics(eval_golds, drawn, labels)
+    rand["distribution"] = dict(zip(order, probs))
+    return {"majority": majority, "random": rand}
+
+
+# --- DVC files ------------------------------------------------------------------------------------
+
+def _is_result(m: dict) -> bool:
+    return isinstance(m, dict) and "accuracy" in m and "per_relation" in m
+
+
+def flat_metrics(m: dict) -> dict:
+    """The numbers of one compute_metrics result (with an optional `baselines` entry) as a flat dict."""
+    flat = {k: m[k] for k in SUMMARY_KEYS if k in m}
+    for case, s in (m.get("by_case") or {}).items():
+        flat[f"by_case_{case}_f1"] = s["f1"]
+        flat[f"by_case_{case}_n"] = s["n"]
+    for name, b in (m.get("baselines") or {}).items():
+        flat[f"baseline_{name}_f1"] = b["f1"]
+        flat[f"baseline_{name}_accuracy"] = b["accuracy"]
+    return {k: v for k, v in flat.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def _write_csvs(m: dict, out_dir: Path, prefix: str = "") -> None:
+    with (out_dir / f"{prefix}per_relation.csv").open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "precision", "recall", "f1", "support"])
+        for row in m["per_relation"]:
+            w.writerow([row["label"], row["precision"], row["recall"], row["f1"], row["support"]])
+    with (out_dir / f"{prefix}confusion.csv").open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["actual", "predicted"])
+        for gold, cols in m["confusion"].items():  # one row per fact, rebuilt from the counts
+            for pred, count in cols.items():
+                w.writerows([[gold, pred]] * count)
+
+
+def write_metrics_files(metrics: dict, out_dir) -> dict[str, Path]:
+    """Write DVC metrics and plots files into `out_dir`; return their paths by name.
+
+    `metrics` is one compute_metrics result, optionally with a `baselines` entry (a baselines() result),
+    or a dict split -> such results. Files: `metrics.json` (numbers only, flat; nested one level by
+    split for a split dict), `per_relation.csv` (label,precision,recall,f1,support) and `confusion.csv`
+    (actual,predicted, one row per fact; invalid answers as `invalid`). For a split dict the CSVs are
+    `<split>_per_relation.csv` and `<split>_confusion.csv`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if _is_result(metrics):
+        flat: dict = flat_metrics(metrics)
+        _write_csvs(metrics, out_dir)
+        names = ["per_relation", "confusion"]
+    else:
+        if not metrics or not all(_is_result(m) for m in metrics.values()):
+            raise ValueError("expected a compute_metrics result or a dict split -> compute_metrics result")
+        flat, names = {}, []
+        for split, m in metrics.items():
+            if not split or "/" in split or "\\" in split or split.startswith("."):
+                raise ValueError(f"bad split name {split!r}")
+            flat[split] = flat_metrics(m)
+            _write_csvs(m, out_dir, f"{split}_")
+            names += [f"{split}_per_relation", f"{split}_confusion"]
+    (out_dir / "metrics.json").write_text(json.dumps(flat, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return {"metrics": out_dir / "metrics.json", **{name: out_dir / f"{name}.csv" for name in names}}

@@ -1,0 +1,148 @@
+"""The error-analysis page: images, escaping of untrusted text, filters, the sample cap."""
+
+import base64
+import hashlib
+import re
+
+from PIL import Image
+
+from morer1.labels import NONE
+from morer1.metrics import compute_metrics
+from morer1.report import write_report
+
+A, B = "/per/per/partner", "/per/org/member_of"
+XSS = "<script>alert(1)</script>"
+ATTR = '"onerror=alert(2) x=\''
+
+
+def _facts_dir(tmp_path):
+    root = tmp_path / "ingested"
+    (root / "images" / "dev").mkdir(parents=True)
+    (root / "crops" / "dev").mkdir(parents=True)
+    Image.new("RGB", (200, 120), (30, 120, 200)).save(root / "images" / "dev" / "a.jpg", "JPEG")
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(root / "crops" / "dev" / "dev-000001.png")
+    return root
+
+
+def _row(i, gold, pred, **extra):
+    row = {
+        "id": f"dev-{i:06d}", "split": "dev", "img_id": "a.jpg", "image": "images/dev/a.jpg", "width": 200,
+        "height": 120, "text": "Alice Smith meets Bob", "tokens": ["Alice", "Smith", "meets", "Bob"],
+        "entity": {"name": "Alice Smith", "start": 0, "end": 2},
+        "object": {"name": "person", "box": [10, 20, 50, 50], "crop": f"crops/dev/dev-{i:06d}.png", "caption": None},
+        "relation": gold, "pair_entities": 2, "pair_objects": 1, "predicted": pred,
+        "completion": f"<think>step 1: ...</think><answer>{pred}</answer>",
+    }
+    row.update(extra)
+    return row
+
+
+def _sections(page):
+    return re.findall(r"<section class='sample (right|wrong)' id='s\d+' data-relation='([^']*)' "
+                      r"data-predicted='([^']*)' data-correct='(true|false)'>", page)
+
+
+def _card(page, fact_id):
+    cards = [c for c in page.split("<section")[1:] if f"<span class='meta'>{fact_id} " in c]
+    assert len(cards) == 1
+    return cards[0].split("</section>")[0]
+
+
+def test_page_images_rows_and_summary(tmp_path):
+    facts = _facts_dir(tmp_path)
+    rows = [_row(1, A, A), _row(2, A, B, object={"name": "flag", "box": [100, 10, 190, 110],
+                                                   "crop": "crops/dev/missing.png", "caption": "a flag"}),
+            _row(3, NONE, None), _row(4, B, NONE, image="images/dev/nowhere.jpg")]
+    metrics = compute_metrics([r["relation"] for r in rows], [r["predicted"] for r in rows], [NONE, A, B],
+                              pair_entities=[2] * 4, pair_objects=[1] * 4)
+    path = write_report(rows, facts, tmp_path / "report", "dev <errors>", metrics)
+    assert path == tmp_path / "report" / "index.html"
+    page = path.read_text(encoding="utf-8")
+    assert "<title>dev &lt;errors&gt;</title>" in page
+    assert len(_sections(page)) == 4
+    assert "<mark>Alice Smith</mark> meets Bob" in page
+    assert "1 right" in page and "3 wrong" in page and "1 invalid answers" in page
+    assert "Nent_1obj" in page and "0.5000" in page  # by case and overall metrics tables
+    # every referenced image exists, inside img/; the fact whose image is missing says so
+    srcs = re.findall(r"<img src='([^']+)'", page)
+    assert srcs and all(s.startswith("img/") and (tmp_path / "report" / s).is_file() for s in srcs)
+    # fact 1 (right, so rendered last): a light JPEG of the full image with its box [10, 20, 50, 50] drawn
+    card = _card(page, "dev-000001")
+    full_src, crop_src = re.findall(r"<img src='([^']+)'", card)
+    full = Image.open(tmp_path / "report" / full_src)
+    assert full.format == "JPEG" and 240 <= max(full.size) <= 480
+    scale = full.size[0] / 200
+    r, g, b = full.convert("RGB").getpixel((round(10 * scale) + 1, round(35 * scale)))  # on the box's left edge
+    assert r > 150 and b < 150
+    r, g, b = full.convert("RGB").getpixel((round(150 * scale), round(100 * scale)))  # background
+    assert b > 150 and r < 100
+    assert Image.open(tmp_path / "report" / crop_src).format == "JPEG"
+    # fact 2: its crop file is missing, so the crop is cut from the full image
+    assert "crop missing" not in _card(page, "dev-000002")
+    # fact 4: neither image nor crop exist
+    card = _card(page, "dev-000004")
+    assert "image missing" in card and "crop missing" in card and "<img" not in card
+    assert len(list((tmp_path / "report" / "img").iterdir())) == len(set(srcs))
+
+
+def test_untrusted_text_is_escaped(tmp_path):
+    facts = _facts_dir(tmp_path)
+    evil = _row(1, A, B, tokens=["Hi", XSS, ATTR], text=XSS, entity={"name": XSS + ATTR, "start": 1, "end": 3},
+                completion=f"<think>{XSS} and <img src=x onerror=alert(3)> {ATTR}</think><answer>x</answer>",
+                img_id=ATTR, id=XSS, object={"name": ATTR, "box": [0, 0, 10, 10], "crop": "../../../etc/passwd",
+                                             "caption": XSS})
+    evil2 = _row(2, XSS, ATTR)  # even labels are data
+    path = write_report([evil, evil2], facts, tmp_path / "r", XSS, {"accuracy": 0.0, "n": 1})
+    page = path.read_text(encoding="utf-8")
+    assert XSS not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert '"onerror=' not in page and "onerror=alert(2) x='" not in page
+    assert "&quot;onerror=alert(2) x=&#x27;" in page
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(3)&gt;" in page
+    assert page.count("<script") == 1  # only the page's own filter script
+    # the rendered tags are only ours
+    tags = set(re.findall(r"<([a-zA-Z][a-zA-Z0-9]*)", page))
+    assert tags <= {"html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "table", "tr", "th", "td",
+                    "p", "span", "div", "label", "select", "option", "input", "section", "code", "em", "b",
+                    "mark", "figure", "img", "figcaption", "details", "summary", "pre", "script"}
+    assert len(_sections(page)) == 2
+    # the script is allowed by its hash and by nothing else
+    script = page.split("<script>")[1].split("</script>")[0]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert f"script-src &#x27;sha256-{digest}&#x27;" in page
+
+
+def test_filters_have_their_attributes(tmp_path):
+    facts = _facts_dir(tmp_path)
+    rows = [_row(1, A, A), _row(2, NONE, B), _row(3, B, None)]
+    page = write_report(rows, facts, tmp_path / "r", "t").read_text(encoding="utf-8")
+    assert sorted(_sections(page)) == sorted([("right", A, A, "true"), ("wrong", NONE, B, "false"),
+                                              ("wrong", B, "invalid", "false")])
+    assert "<select id='f-relation'>" in page and "<option value=''>all</option>" in page
+    for lab in (A, B, NONE, "invalid"):
+        assert f"<option value='{lab}'>" in page
+    assert "id='f-right' checked" in page and "id='f-wrong' checked" in page
+    assert "data-relation" in page.split("<script>")[1] and "data-correct" in page.split("<script>")[1]
+    assert "http://" not in page and "https://" not in page  # nothing external: works offline
+
+
+def test_max_samples_keeps_wrong_ones_first(tmp_path):
+    facts = _facts_dir(tmp_path)
+    rows = [_row(1, A, A), _row(2, NONE, NONE), _row(3, A, B), _row(4, B, B), _row(5, NONE, None),
+            _row(6, B, A)]
+    page = write_report(rows, facts, tmp_path / "r", "t", max_samples=4).read_text(encoding="utf-8")
+    shown = re.findall(r"<span class='meta'>(dev-\d+) ", page)
+    assert shown == ["dev-000003", "dev-000005", "dev-000006", "dev-000001"]
+    assert "Showing 4 of 6 facts" in page
+    assert "3 right" in page and "3 wrong" in page  # the summary counts every row
+    page = write_report(rows, facts, tmp_path / "r2", "t", max_samples=2).read_text(encoding="utf-8")
+    assert re.findall(r"<span class='meta'>(dev-\d+) ", page) == ["dev-000003", "dev-000005"]
+
+
+def test_image_paths_stay_inside_facts_dir(tmp_path):
+    facts = _facts_dir(tmp_path)
+    Image.new("RGB", (20, 20)).save(tmp_path / "outside.png")
+    rows = [_row(1, A, B, image="../outside.png",
+                 object={"name": "x", "box": [0, 0, 5, 5], "crop": str(tmp_path / "outside.png"), "caption": None})]
+    page = write_report(rows, facts, tmp_path / "r", "t").read_text(encoding="utf-8")
+    assert "image missing" in page and "crop missing" in page and "<img" not in page
