@@ -1,26 +1,30 @@
 """Prefect flow: run the DVC stages of dvc.yaml in order, under one MLflow parent run.
 
-    python flows/pipeline.py [--project-dir DIR] [--stages a,b,...]
+    python flows/pipeline.py [--project-dir DIR] [--stages a,b,...] [--profile NAME]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
+from morer1.orchestrate import (
+    StageFailed,
+    apply_profile,
+    dvc_stages,
+    repro_stage,
+    set_env_defaults,
+    summary_markdown,
+)
+
 PROJECT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("MORER1_STATE_DIR", str(PROJECT / ".state"))
-os.environ.setdefault("PREFECT_HOME", str(Path(os.environ["MORER1_STATE_DIR"]) / "prefect"))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level
+set_env_defaults(PROJECT)
 
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
-from prefect.runtime import flow_run  # noqa: E402
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 
-from morer1 import tracking  # noqa: E402
-from morer1.orchestrate import StageFailed, dvc_stages, repro_stage  # noqa: E402
+from morer1 import tracking
 
 
 def _transient(task, task_run, state) -> bool:
@@ -38,8 +42,16 @@ def run_stage(project_dir: str, stage: str, parent_run_id: str) -> dict:
 
 
 @flow(name="morer1-pipeline", log_prints=True)
-def pipeline(project_dir: str = str(PROJECT), stages: list[str] | None = None) -> list[dict]:
-    """Run `stages` (default: all of dvc.yaml) in order; post a summary artifact."""
+def pipeline(project_dir: str = str(PROJECT), stages: list[str] | None = None, profile: str | None = None) -> list[dict]:
+    """Run `stages` (default: all of dvc.yaml) in order; post the summary artifact `pipeline-summary`.
+
+    `profile` names a params file in `profiles/` to run with (it becomes params.yaml; the previous one is
+    backed up); None runs params.yaml as it is (the demo, unless changed).
+    """
+    if profile:
+        backup = apply_profile(project_dir, profile)
+        get_run_logger().info("params profile %s in place%s", profile, f"; previous params.yaml saved to {backup}"
+                              if backup else "")
     stages = stages or dvc_stages(project_dir)
     mlflow = tracking.setup()
     results: list[dict] = []
@@ -56,12 +68,10 @@ def pipeline(project_dir: str = str(PROJECT), stages: list[str] | None = None) -
         finally:
             mlflow.set_tags(tracking.version_tags(project_dir))
             mlflow.log_dict({"stages": results}, "pipeline_summary.json")
-            rows = "\n".join(f"| {r['stage']} | {r['status']} | {r['seconds']} |" for r in results)
             create_markdown_artifact(
                 key="pipeline-summary",
-                markdown=f"# morer1 pipeline\n\nMLflow run `{run.info.run_id}` "
-                         f"(experiment `{run.info.experiment_id}`)\n\n| stage | status | seconds |\n|---|---|---|\n{rows}\n",
-                description="Stages run or skipped by DVC in this flow run",
+                markdown=summary_markdown(project_dir, results, run.info.run_id, run.info.experiment_id),
+                description="Stages run or skipped by DVC, evaluation metrics, registered version and promotion",
             )
     return results
 
@@ -70,5 +80,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--project-dir", default=str(PROJECT))
     parser.add_argument("--stages", help="comma-separated stage names (default: all)")
+    parser.add_argument("--profile", help="params profile of profiles/ to run with (default: params.yaml as it is)")
     args = parser.parse_args()
-    pipeline(args.project_dir, args.stages.split(",") if args.stages else None)
+    pipeline(args.project_dir, args.stages.split(",") if args.stages else None, args.profile)

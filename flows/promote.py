@@ -1,0 +1,37 @@
+"""Prefect flow: move alias `champion` to the `challenger` version if it wins on dev (`morer1 promote`).
+
+    python flows/promote.py [--project-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from morer1.orchestrate import promotion_markdown, set_env_defaults
+
+PROJECT = Path(__file__).resolve().parent.parent
+set_env_defaults(PROJECT)
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from morer1 import registry
+from morer1.params import load_section
+
+
+@flow(name="morer1-promote")
+def promote(project_dir: str = str(PROJECT)) -> dict:
+    """Promote with the `register` section of `<project_dir>/params.yaml`; post the decision as artifact `promotion`."""
+    cfg = load_section("register", registry.RegisterConfig, Path(project_dir) / "params.yaml")
+    decision = registry.promote(cfg)
+    get_run_logger().info("%s: %s", decision["decision"], decision["reason"])
+    create_markdown_artifact(key="promotion", markdown="# morer1 promotion\n\n" + promotion_markdown(decision),
+                             description="Decision of the champion/challenger comparison")
+    return decision
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--project-dir", default=str(PROJECT))
+    promote(parser.parse_args().project_dir)

@@ -1,0 +1,4 @@
+# The official MLflow image (same version as the project's pin) plus the PostgreSQL driver and the S3 client
+# that `--backend-store-uri postgresql://` and `--artifacts-destination s3://` need.
+FROM ghcr.io/mlflow/mlflow:v3.17.2
+RUN pip install --no-cache-dir psycopg2-binary boto3
