@@ -50,6 +50,17 @@ def test_a_rerun_resumes_from_the_last_checkpoint(setup):
     assert other["resumed_from"] is None  # another job never resumes from these checkpoints
 
 
+def test_a_rewritten_base_model_starts_a_new_job(setup):
+    import os
+
+    cfg = _cfg(setup, checkpoint_dir=str(setup / "ckpt-base"), max_steps=2, save_steps=2)
+    train_sft(setup / "sft", setup / "out4", cfg)
+    assert train_sft(setup / "sft", setup / "out4", cfg)["resumed_from"]  # same job: resumes (nothing left to do)
+    weights = setup / "tiny" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000_000))
+    assert train_sft(setup / "sft", setup / "out4", cfg)["resumed_from"] is None  # e.g. the tiny model was rebuilt
+
+
 def test_overlong_samples_are_dropped_not_truncated(setup):
     from morer1.modeling import load_model_and_processor
 

@@ -17,9 +17,9 @@ from morer1.rewards import RewardsConfig
 from morer1.sft import (
     TrainingSettings,
     apply_lora,
-    bf16_enabled,
     checkpoint_folder,
     fingerprint,
+    folder_signature,
     save_model,
 )
 
@@ -113,21 +113,10 @@ def train_grpo(facts_dir: str | Path, stream_dir: str | Path, output: str | Path
     reward_funcs, weights = build_reward_funcs(cfg.rewards, labels)
     model, processor = load_model_and_processor(cfg.model)
 
-    job = fingerprint(cfg.model_dump(), (stream_dir / "stream.jsonl").read_bytes(), cfg.model)
+    job = fingerprint(cfg.model_dump(), (stream_dir / "stream.jsonl").read_bytes(), folder_signature(cfg.model))
     ckpt_dir, last = checkpoint_folder(cfg.checkpoint_dir, "grpo", job)
     args = TRLGRPOConfig(
-        output_dir=str(ckpt_dir),
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        bf16=bf16_enabled(cfg.bf16),
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        logging_steps=cfg.logging_steps,
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        seed=cfg.seed,
+        **cfg.trainer_arguments(ckpt_dir),
         num_generations=cfg.num_generations,
         temperature=cfg.temperature,
         beta=cfg.beta,
@@ -137,10 +126,6 @@ def train_grpo(facts_dir: str | Path, stream_dir: str | Path, output: str | Path
         shuffle_dataset=False,  # the curriculum's order is the training order
         use_vllm=cfg.use_vllm,
         vllm_mode=cfg.vllm_mode,
-        report_to=["mlflow"],
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=bf16_enabled(None),
     )
     trainer_class = make_trainer_class()
     trainer_class.completions_log_every = cfg.completions_log_every

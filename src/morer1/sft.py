@@ -48,6 +48,27 @@ class TrainingSettings(StageConfig):
     checkpoint_dir: str = Field(".state/checkpoints", description="Checkpoints live here, per stage; a rerun with the same inputs resumes.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="Optional LoRA adapters.")
 
+    def trainer_arguments(self, output_dir: Path) -> dict:
+        """The TRL/transformers training arguments these settings give (both trainers take them)."""
+        return dict(
+            output_dir=str(output_dir),
+            learning_rate=self.learning_rate,
+            num_train_epochs=self.num_train_epochs,
+            max_steps=self.max_steps,
+            per_device_train_batch_size=self.per_device_train_batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            bf16=bf16_enabled(self.bf16),
+            gradient_checkpointing=self.gradient_checkpointing,
+            logging_steps=self.logging_steps,
+            save_steps=self.save_steps,
+            save_total_limit=self.save_total_limit,
+            seed=self.seed,
+            report_to=["mlflow"],
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            dataloader_pin_memory=bf16_enabled(None),  # pinning only helps with a CUDA device
+        )
+
 
 class SFTConfig(TrainingSettings):
     """Parameters of the SFT stage."""
@@ -85,6 +106,14 @@ def fingerprint(*parts) -> str:
     for part in parts:
         h.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
+
+
+def folder_signature(folder: str | Path) -> list:
+    """Name, size and modification time of every file of a model folder: changes when the model is rewritten,
+    without reading gigabytes of weights."""
+    root = Path(folder)
+    return sorted([str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns]
+                  for p in root.rglob("*") if p.is_file())
 
 
 def checkpoint_folder(root: str | Path, stage: str, job: str) -> tuple[Path, str | None]:
@@ -146,29 +175,14 @@ def train_sft(data_dir: str | Path, output: str | Path, cfg: SFTConfig) -> dict:
     dev_path = data_dir / "dev.jsonl"
     dev_rows = drop_overlong(read_jsonl(dev_path), processor, cfg.max_length)[0] if dev_path.exists() else []
 
-    job = fingerprint(cfg.model_dump(), (data_dir / "train.jsonl").read_bytes(), cfg.model)
+    job = fingerprint(cfg.model_dump(), (data_dir / "train.jsonl").read_bytes(), folder_signature(cfg.model))
     ckpt_dir, last = checkpoint_folder(cfg.checkpoint_dir, "sft", job)
     args = TRLSFTConfig(
-        output_dir=str(ckpt_dir),
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        **cfg.trainer_arguments(ckpt_dir),
         per_device_eval_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        bf16=bf16_enabled(cfg.bf16),
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        logging_steps=cfg.logging_steps,
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
         eval_strategy="epoch" if dev_rows else "no",
-        seed=cfg.seed,
         max_length=None,  # overlong samples were dropped above; never truncate image tokens
         assistant_only_loss=True,
-        report_to=["mlflow"],
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=bf16_enabled(None),  # pinning only helps with a CUDA device
     )
     trainer = SFTTrainer(
         model=apply_lora(model, cfg.lora),
