@@ -117,9 +117,10 @@ def cmd_difficulty(args) -> None:
         log_difficulty,
         write_difficulty,
     )
+    from morer1.labels import read_labels
 
     cfg = _config(args, "difficulty", DifficultyConfig)
-    labels = tuple(json.loads((Path(args.facts) / "labels.json").read_text()))
+    labels = read_labels(Path(args.facts) / "labels.json")
     with tracking.stage_run("difficulty", cfg):
         rows = estimate_difficulty(Path(args.model), Path(args.facts), cfg, labels)
         summary = write_difficulty(rows, Path(args.out))

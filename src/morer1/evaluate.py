@@ -72,12 +72,13 @@ def write_predictions(rows: list[dict], path: Path) -> None:
 
 def evaluate(facts_dir: str | Path, out_dir: str | Path, cfg: EvaluateConfig) -> dict:
     """Score the candidates on dev, the chosen one on test; write metrics, plots, predictions and the report."""
+    from morer1.labels import read_labels
     from morer1.metrics import write_metrics_files
     from morer1.report import write_report
 
     facts_dir, out_dir = Path(facts_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels = json.loads((facts_dir / "labels.json").read_text())
+    labels = read_labels(facts_dir / "labels.json")
     train_golds = [f["relation"] for f in read_jsonl(facts_dir / "train.jsonl")]
     dev = sample_facts(read_jsonl(facts_dir / "dev.jsonl"), cfg.max_facts, cfg.seed)
     test = sample_facts(read_jsonl(facts_dir / "test.jsonl"), cfg.max_facts, cfg.seed)

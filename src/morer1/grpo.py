@@ -102,12 +102,13 @@ def train_grpo(facts_dir: str | Path, stream_dir: str | Path, output: str | Path
     from trl import GRPOConfig as TRLGRPOConfig
 
     from morer1 import tracking
+    from morer1.labels import read_labels
     from morer1.modeling import load_model_and_processor
     from morer1.rewards import build_reward_funcs
 
     tracking.setup()
     facts_dir, stream_dir, output = Path(facts_dir), Path(stream_dir), Path(output)
-    labels = tuple(json.loads((facts_dir / "labels.json").read_text()))
+    labels = read_labels(facts_dir / "labels.json")
     stream = read_jsonl(stream_dir / "stream.jsonl")
     dataset = rl_dataset(stream, facts_dir, labels)
     reward_funcs, weights = build_reward_funcs(cfg.rewards, labels)

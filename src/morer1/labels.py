@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from morer1.errors import BadInputError
+
 NONE = "none"
 TYPES = ("per", "org", "loc", "misc")
 
@@ -51,3 +53,17 @@ def load_rel2id(path: str | Path) -> dict[str, int]:
             except ValueError as exc:
                 raise ValueError(f"{path}:1: {exc}") from exc
     return {str(k): int(v) for k, v in data.items()}
+
+
+def read_labels(path: str | Path) -> tuple[str, ...]:
+    """The label set of an ingested folder's `labels.json`; BadInputError if it is missing or not a list of labels."""
+    path = Path(path)
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: missing (the ingest stage writes it)") from None
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    if not isinstance(labels, list) or not labels or not all(isinstance(lab, str) for lab in labels):
+        raise BadInputError(f"{path}: expected a non-empty JSON list of labels")
+    return tuple(labels)

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from morer1.errors import BadInputError
 from morer1.files import read_jsonl
-from morer1.labels import NONE
+from morer1.labels import NONE, read_labels
 from morer1.params import StageConfig
 from morer1.parsing import parse_completion
 from morer1.prompt import fact_images, prompt_messages
@@ -96,7 +96,7 @@ def sft_example(request: TeacherRequest, completion: str) -> dict:
 def synthesize(facts_dir: str | Path, output: str | Path, cfg: SynthesizeConfig, teacher=None) -> dict:
     """Write `<split>.jsonl` SFT sets and `report.json` (kept and rejected by reason) into `output`."""
     facts_dir, output = Path(facts_dir), Path(output)
-    labels = tuple(json.loads((facts_dir / "labels.json").read_text()))
+    labels = read_labels(facts_dir / "labels.json")
     teacher = teacher or make_teacher(cfg)
     output.mkdir(parents=True, exist_ok=True)
     report: dict = {"teacher": cfg.teacher, "splits": {}}

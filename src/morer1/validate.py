@@ -20,7 +20,7 @@ import pandas as pd
 from pydantic import Field, model_validator
 
 from morer1.errors import BadInputError, GateFailedError
-from morer1.labels import NONE
+from morer1.labels import NONE, read_labels
 from morer1.params import StageConfig
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # read when great_expectations is imported
@@ -117,7 +117,7 @@ def fact_batches(ingested_dir: Path) -> tuple[dict[str, pd.DataFrame], list[str]
     """The facts suite's batches (each split, and `all`) and the label set of `labels.json`."""
     rows = {split: _read_facts(ingested_dir / f"{split}.jsonl") for split in SPLITS}
     rows[ALL] = [row for split in SPLITS for row in rows[split]]
-    return {name: _fact_frame(r) for name, r in rows.items()}, _read_labels(ingested_dir / "labels.json")
+    return {name: _fact_frame(r) for name, r in rows.items()}, list(read_labels(ingested_dir / "labels.json"))
 
 
 def _fact_row(record: dict) -> dict:
@@ -159,19 +159,6 @@ def _fact_frame(rows: list[dict]) -> pd.DataFrame:
     is_none = df["relation"] == NONE
     shares = df.loc[~is_none, "relation"].value_counts(normalize=True)
     return df.assign(is_none=is_none, label_share=df["relation"].map(shares).astype(float))
-
-
-def _read_labels(path: Path) -> list[str]:
-    """The label set of `labels.json`; BadInputError if it is missing or not a list of labels."""
-    try:
-        labels = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BadInputError(f"{path}: missing (the ingest stage writes it)") from None
-    except json.JSONDecodeError as exc:
-        raise BadInputError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
-    if not isinstance(labels, list) or not labels or not all(isinstance(lab, str) for lab in labels):
-        raise BadInputError(f"{path}: expected a non-empty JSON list of labels")
-    return labels
 
 
 def load_suite(path: Path, run: SuiteRun) -> dict:
