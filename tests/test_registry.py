@@ -3,8 +3,6 @@
 import base64
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +15,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from PIL import Image
+from servers import free_port, listening, stop_group
 
 from morer1 import registry
 from morer1.errors import BadInputError
@@ -193,31 +192,6 @@ def test_predict_one_and_jsonl(registered, tiny, tmp_path):
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [{k: o[k] for k in lines[0]} for o in out] == lines
     assert all(set(o) == set(lines[0]) | {"label", "rationale"} for o in out)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM the process group of `process`, then SIGKILL whatever is left of it."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:  # the whole group is gone
-            break
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-    process.wait(timeout=10)
 
 
 def test_champion_served_over_http(registered, tiny, tmp_path):

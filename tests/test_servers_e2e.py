@@ -1,11 +1,8 @@
 """End to end against real servers: an `mlflow server` and a `prefect server` on 127.0.0.1, the pipeline flow
 run against both, the promotion flow run through prefect.yaml's deployment by a process worker, both servers stopped."""
 
-import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,21 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from servers import free_port, listening, stop_group
 from test_pipeline_e2e import REPO, _project
 
 BIN = Path(sys.executable).parent
 HEALTH_TIMEOUT = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _start(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
@@ -50,20 +37,6 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
     raise AssertionError(f"{url}: not healthy after {HEALTH_TIMEOUT} s\n{log.read_text()[-3000:]}")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group, then SIGKILL what is left of it (workers outlive their parent).
-
-    Not probed with signal 0: orphaned workers can stay zombies here, where PID 1 does not reap them.
-    """
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=20)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 def _run(cmd: list[str], project: Path, env: dict) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -83,7 +56,7 @@ def _artifact(api: str, key: str, flow_run_id: str) -> str:
 
 @pytest.mark.e2e
 def test_pipeline_and_promotion_against_real_mlflow_and_prefect_servers(tmp_path):
-    mlflow_port, prefect_port = _free_port(), _free_port()
+    mlflow_port, prefect_port = free_port(), free_port()
     mlflow_uri, api = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{prefect_port}/api"
     server_env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-server"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     servers = []
@@ -135,5 +108,5 @@ def test_pipeline_and_promotion_against_real_mlflow_and_prefect_servers(tmp_path
         assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
     finally:
         for proc in servers:
-            _stop(proc)
-    assert not _port_open(mlflow_port) and not _port_open(prefect_port)
+            stop_group(proc)
+    assert not listening(mlflow_port) and not listening(prefect_port)
