@@ -8,17 +8,29 @@ Definitions, fixed here once for every stage that reports a number:
   an invalid answer is always wrong.
 - Micro `precision` = correct non-`none` predictions / non-`none` predictions;
   `recall` = correct non-`none` predictions / non-`none` gold facts; `f1` = their harmonic mean.
-  An invalid answer is **not** a non-`none` prediction: it does not enter the precision denominator.
-  When its gold is a relation it is a miss for recall. (So a model that answers invalidly whenever it
-  is unsure loses recall but not precision; read `invalid_rate` next to P.)
+  This is the MORE evaluation (NJUNLP/MORE `modules/metrics.py`, `eval_result`): every answer that is
+  not `none` is a positive prediction, so an invalid answer (None or an out-of-set string) **is** in
+  the precision denominator, as a wrong positive, whatever its gold. When its gold is a relation it is
+  also a miss for recall; when its gold is `none` it lowers precision only. `invalid_rate` and
+  `n_invalid` are reported beside P/R/F1 to tell invalid answers from wrong relations.
+- Per relation: P = correct / predicted *of that relation*, R = correct / gold of that relation. An
+  invalid answer is not a prediction of any relation, so it lowers no relation's precision; when its
+  gold is a relation it is a miss in that relation's recall. Invalid answers get their own row,
+  label `invalid`, after the `none` row: support 0, predicted = n_invalid, correct 0, P = R = F1 = 0.
+  Over the relation rows plus the `invalid` row, `predicted` sums to the micro precision denominator.
+  (The confusion matrix likewise has an `invalid` column: gold -> invalid counts.)
 - Macro P/R/F1: the unweighted mean, over the relations (non-`none` labels) that occur in the gold or
   in the predictions, of the per-relation P, R and F1 (macro F1 is the mean of the per-relation F1s,
   not the harmonic mean of macro P and macro R). Relations absent from both are left out, since they
   say nothing about the model; a relation predicted but never gold counts with recall 0, one gold but
-  never predicted with precision 0.
+  never predicted with precision 0. Neither the `none` row nor the `invalid` row enters the macro
+  means. So invalid answers lower macro recall (as misses of their gold relation) and through it
+  macro F1, but never macro precision: read macro P beside `invalid_rate`. (MORE itself reports only
+  accuracy and micro P/R/F1; the macro figures are ours.)
 - Every ratio with a zero denominator is 0 (never a division error, never NaN).
 - `by_case`: the MORE slices by the number of distinct entities (1 or N) and objects (1 or N) of the
-  fact's image-title pair; only slices that hold at least one fact are reported.
+  fact's image-title pair; only slices that hold at least one fact are reported. Each slice has the
+  micro figures above (invalid answers in its precision denominator) and its own `invalid_rate`.
 """
 
 from __future__ import annotations
@@ -56,9 +68,9 @@ def _micro(golds: Sequence[str], preds: Sequence[str | None]) -> dict:
     """n, accuracy, micro P/R/F1 and invalid rate of already-cleaned lists (invalid = None)."""
     n = len(golds)
     correct_all = sum(g == p for g, p in zip(golds, preds))
-    # An invalid answer (None) is not a non-none prediction: it stays out of the precision denominator,
-    # but a non-none gold it answers is still a miss in the recall denominator.
-    predicted_pos = sum(p is not None and p != NONE for p in preds)
+    # The MORE rule: every answer that is not `none` is a positive prediction, an invalid one (None)
+    # included, as a wrong positive; on a non-none gold it is also a miss in the recall denominator.
+    predicted_pos = sum(p != NONE for p in preds)
     gold_pos = sum(g != NONE for g in golds)
     correct_pos = sum(g == p and g != NONE for g, p in zip(golds, preds))
     precision, recall = _div(correct_pos, predicted_pos), _div(correct_pos, gold_pos)
@@ -75,11 +87,14 @@ def compute_metrics(golds: list[str], preds: list[str | None], labels, *, pair_e
     `labels` is counted as invalid). `pair_entities` / `pair_objects` (ints per fact, from the ingested
     records) add `by_case`. Returns a JSON-serialisable dict: accuracy, precision, recall, f1,
     macro_precision, macro_recall, macro_f1, invalid_rate, n_invalid, n, per_relation (rows for every
-    relation of the set, then a `none` row for information only), confusion (gold -> predicted ->
-    count, with an `invalid` column), and by_case when pair counts are given.
+    relation of the set, then a `none` row and an `invalid` row for information only, never in the
+    macro means), confusion (gold -> predicted -> count, with an `invalid` column), and by_case when
+    pair counts are given. A label set that holds the name `invalid` itself is refused.
     """
     labels = list(dict.fromkeys(labels))
     label_set = set(labels)
+    if INVALID in label_set:
+        raise ValueError(f"the label set may not hold {INVALID!r}: it names invalid answers")
     golds, preds = list(golds), list(preds)
     if len(golds) != len(preds):
         raise ValueError(f"{len(golds)} golds but {len(preds)} predictions")
@@ -103,9 +118,12 @@ def compute_metrics(golds: list[str], preds: list[str | None], labels, *, pair_e
         rows.append({"label": lab, "support": gold_count[lab], "predicted": pred_count[lab],
                      "correct": correct_count[lab], "precision": p, "recall": r, "f1": _f1(p, r)})
 
-    # Macro over the relations seen in gold or prediction; `none` never enters.
+    # Macro over the relations seen in gold or prediction; the `none` and `invalid` rows never enter.
     seen = [row for row in rows if row["label"] != NONE and (row["support"] or row["predicted"])]
     macro = {f"macro_{k}": _div(sum(row[k] for row in seen), len(seen)) for k in ("precision", "recall", "f1")}
+    # Invalid answers are wrong positives of no relation: their own row, where micro P's lost share shows.
+    rows.append({"label": INVALID, "support": 0, "predicted": n_invalid, "correct": 0, "precision": 0.0,
+                 "recall": 0.0, "f1": 0.0})
 
     confusion = {g: {c: 0 for c in labels + [INVALID]} for g in labels}
     for g, p in zip(golds, preds):
@@ -198,9 +216,10 @@ def write_metrics_files(metrics: dict, out_dir) -> dict[str, Path]:
 
     `metrics` is one compute_metrics result, optionally with a `baselines` entry (a baselines() result),
     or a dict split -> such results. Files: `metrics.json` (numbers only, flat; nested one level by
-    split for a split dict), `per_relation.csv` (label,precision,recall,f1,support) and `confusion.csv`
-    (actual,predicted, one row per fact; invalid answers as `invalid`). For a split dict the CSVs are
-    `<split>_per_relation.csv` and `<split>_confusion.csv`.
+    split for a split dict), `per_relation.csv` (label,precision,recall,f1,support; every per_relation
+    row, the `none` and `invalid` rows last) and `confusion.csv` (actual,predicted, one row per fact;
+    invalid answers as `invalid`). For a split dict the CSVs are `<split>_per_relation.csv` and
+    `<split>_confusion.csv`.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
