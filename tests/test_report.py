@@ -63,6 +63,17 @@ def test_page_images_rows_and_summary(tmp_path):
     assert "<mark>Alice Smith</mark> meets Bob" in page
     assert "1 right" in page and "3 wrong" in page and "1 invalid answers" in page
     assert "Nent_1obj" in page and "0.5000" in page  # by case and overall metrics tables
+    # the MORE rule: positives A, B and the invalid answer = 3, right 1 -> P 1/3 (the old rule gave 1/2),
+    # R 1/3 (gold A, A, B), F1 1/3; accuracy 1/4, macro P (1 + 0)/2, macro R (1/2 + 0)/2,
+    # macro F1 (2/3 + 0)/2, invalid 1/4, n 4
+    assert ("<tr><td>all</td><td>0.2500</td><td>0.3333</td><td>0.3333</td><td>0.3333</td><td>0.5000</td>"
+            "<td>0.2500</td><td>0.3333</td><td>0.2500</td><td>4</td></tr>") in page
+    # by case: every fact is Nent_1obj, with the same figures and its invalid rate beside them
+    assert ("<tr><th>case</th><th>n</th><th>accuracy</th><th>precision</th><th>recall</th><th>f1</th>"
+            "<th>invalid_rate</th></tr>") in page
+    assert ("<tr><td>Nent_1obj</td><td>4</td><td>0.2500</td><td>0.3333</td><td>0.3333</td><td>0.3333</td>"
+            "<td>0.2500</td></tr>") in page
+    assert "an invalid one included" in page
     # every referenced image exists, inside img/; the fact whose image is missing says so
     srcs = re.findall(r"<img src='([^']+)'", page)
     assert srcs and all(s.startswith("img/") and (tmp_path / "report" / s).is_file() for s in srcs)

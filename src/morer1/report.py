@@ -187,14 +187,18 @@ def _metrics_html(metrics: dict) -> str:
             out += [f"<td>{_fmt(b.get(k, ''))}</td>" for k in keys]
             out.append("</tr>")
     out.append("</table>")
+    out.append("<p>Precision follows MORE: every answer that is not <code>none</code> is a relation "
+               "prediction, an invalid one included (a wrong one); <code>invalid_rate</code> says how many "
+               "answers were invalid. Macro figures leave invalid answers out of every relation's "
+               "precision (metrics.py).</p>")
+    case_keys = ("n", "accuracy", "precision", "recall", "f1", "invalid_rate")
     for split, m in results.items():
         if m.get("by_case"):
-            out.append(f"<h3>By case {_e(split)}</h3><table><tr><th>case</th><th>n</th><th>accuracy</th>"
-                       "<th>precision</th><th>recall</th><th>f1</th></tr>")
+            out.append(f"<h3>By case {_e(split)}</h3><table><tr><th>case</th>"
+                       + "".join(f"<th>{k}</th>" for k in case_keys) + "</tr>")
             for case, s in m["by_case"].items():
                 out.append(f"<tr><td>{_e(case)}</td>" + "".join(
-                    f"<td>{_fmt(s.get(k, ''))}</td>" for k in ("n", "accuracy", "precision", "recall", "f1"))
-                    + "</tr>")
+                    f"<td>{_fmt(s.get(k, ''))}</td>" for k in case_keys) + "</tr>")
             out.append("</table>")
     return "".join(out)
 
