@@ -229,3 +229,16 @@ def test_trl_call_convention():
         assert again.__name__ == f.__name__ and again(**kwargs) == values
     assert {f.__name__: f(**kwargs) for f in rewards} == {
         "format": [1.0, 1.0, 0.0, 0.0], "accuracy": [1.0, 1.0, 0.0, 0.0], "type": [1.0, 0.0, 0.0, 0.0]}
+
+
+def test_format_gives_full_credit_to_step_headers_whose_prose_cites_earlier_steps():
+    think = ("Step 1: The crop shows a man at a lectern.\n"
+             "Step 2: The photo is relevant, as shown in step 1. The lectern fits the speech.\n"
+             "Step 3: From step 2, the man is Alice Moreau, born in Lyon.\n"
+             "Step 4: Building on Step 3: a person (per) and a location (loc).\n"
+             "Step 5: Given step 4, the per/loc candidates and none remain.\n"
+             "Step 6: The title calls her a Lyon native, so with step 3. it is place_of_birth.\n"
+             "In summary, Steps 1-6 agree.")
+    assert one("format", good(BIRTH, think), BIRTH) == pytest.approx(1.0)
+    assert one("format", good(BIRTH, think), BIRTH, format_partial=False) == 1.0
+    assert score_completion(good(BIRTH, think), BIRTH, DEFAULT_LABELS, RewardsConfig())["accuracy"] == 1.0

@@ -118,3 +118,13 @@ def test_synthesize_fails_when_the_teacher_gives_too_little(tmp_path):
         synthesize(_facts_dir(tmp_path), tmp_path / "sft", SynthesizeConfig(splits=("train",)), teacher=teacher)
     report = json.loads((tmp_path / "sft" / "report.json").read_text())
     assert report["splits"]["train"]["rejected"] == {"no_completion": 2, "unparsable": 1}
+
+
+def test_filter_keeps_a_rationale_whose_prose_cites_earlier_steps():
+    completion = ("<think>Step 1: The crop shows a man at a lectern; the photo is a rally.\n"
+                  "Step 2: The photo is relevant to the title, as shown in step 1.\n"
+                  "Step 3: From step 2, the man is not linked to any entity of the title.\n"
+                  "Step 4: **Step 3** found no grounding, so the types give no relation (see step 3.)\n"
+                  "**Step 5:** Only none remains, per step 4.\n"
+                  "Step 6: As step 5. left only none, the relation is none.</think>\n<answer>none</answer>")
+    assert rejection_reason(completion, NONE, DEFAULT_LABELS, LEAK) is None

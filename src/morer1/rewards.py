@@ -35,7 +35,9 @@ class RewardsConfig(StageConfig):
         description="Format credit for one <think> block then one <answer> block, nothing else outside.",
     )
     format_steps_credit: float = Field(
-        0.5, ge=0.0, le=1.0, description="Format credit for Step 1 ... Step 6 in order in the (first) think block."
+        0.5, ge=0.0, le=1.0,
+        description="Format credit for the step headers Step 1 ... Step 6, in order and once each, in the (first) "
+                    "think block (parsing.STEP_RE: headers, not steps cited in the prose).",
     )
     accuracy_requires_format: bool = Field(
         True,
@@ -96,7 +98,8 @@ def gold_label(gold: str, labels) -> str:
 
 
 def format_score(parsed: Parsed, gold: str, cfg: RewardsConfig) -> float:
-    """Tags credit when well formed plus steps credit when Step 1..6 are in order; all or nothing when not partial."""
+    """Tags credit when well formed plus steps credit when the Step 1..6 headers are in order (the parser's
+    `steps_in_order`, shared with the synthesis filter and validation); all or nothing when not partial."""
     if not cfg.format_partial:
         return float(parsed.well_formed and parsed.steps_in_order)
     return (cfg.format_tags_credit if parsed.well_formed else 0.0) + \
