@@ -1,5 +1,6 @@
 """The ingest stage on hand-made MORE-layout folders: boxes, every reject reason, unsafe .pth files."""
 
+import io
 import json
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from morer1.ingest import (
     RejectFractionExceeded,
     ingest,
     pixel_box,
+    report_rejects,
 )
 
 CFG = IngestConfig(max_reject_fraction=1.0, box_tolerance=0.02)
@@ -96,6 +98,25 @@ def test_each_bad_record_is_rejected_with_file_line_and_reason_and_good_ones_kep
     assert kept[1]["object"]["box"] == [1, 0, 200, 100]  # x1 = 201 clipped to the width
     assert summary["reject_reasons"]["not_a_literal"] == 2
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_line_that_is_not_utf8_is_rejected_and_the_rest_of_the_file_kept(tmp_path):
+    good = repr(fact("a.jpg", (0.5, 0.5, 0.2, 0.2))).encode()
+    bad = repr(fact("a.jpg", (0.5, 0.5, 0.2, 0.2), tokens=["Café", "b", "c"])).encode().replace(
+        "é".encode(), b"\xe9")  # Latin-1, not UTF-8
+    src = write_more(tmp_path / "src", {}, IMAGES)
+    (src / "txt" / "train.txt").write_bytes(b"\xef\xbb\xbf" + good + b"\n" + bad + b"\n" + good + b"\n")
+    ingest(src, tmp_path / "out", CFG)
+    kept = read_jsonl(tmp_path / "out" / "train.jsonl")
+    assert [r["source"] for r in kept] == ["txt/train.txt:1", "txt/train.txt:3"]  # a leading BOM is fine
+    assert not any("\ufffd" in tok for r in kept for tok in r["tokens"])
+    (reject,) = read_jsonl(tmp_path / "out" / "rejects.jsonl")
+    assert reject["kind"] == "not_utf8" and reject["line"] == 2
+    assert reject["reason"].startswith("not UTF-8: byte 0xe9 at byte ")
+    assert "Caf\\xe9" in reject["excerpt"]  # the excerpt shows the byte, not a replacement character
+    printed = io.StringIO()
+    report_rejects(tmp_path / "out", stream=printed)
+    assert printed.getvalue().startswith(f"{src / 'txt' / 'train.txt'}:2: not UTF-8: byte 0xe9")
 
 
 def test_reject_fraction_fails_after_writing_outputs(tmp_path):

@@ -176,11 +176,22 @@ def load_captions(path: Path) -> dict:
 
 
 def _read_lines(path: Path):
-    """(line number, text) of non-blank lines; undecodable bytes are replaced so the line is rejected, not the file."""
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                yield lineno, line
+    """(line number, raw bytes) of the non-blank lines; each line is decoded on its own (see `decode_line`)."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if raw.strip():
+                yield lineno, raw
+
+
+def decode_line(raw: bytes, lineno: int) -> str:
+    """One line as text; Reject if it is not UTF-8, so one bad line costs that line, not the file."""
+    if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark some editors write
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Reject("not_utf8", f"not UTF-8: byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} "
+                                 f"of the line ({exc.reason})") from None
 
 
 def _ingest_split(source, split_file, labels, captions, cfg, images, crops_dir, rejects):
@@ -192,9 +203,10 @@ def _ingest_split(source, split_file, labels, captions, cfg, images, crops_dir, 
     if not txt.is_file():
         raise IngestError(f"{txt}: missing (the MORE layout needs txt/{{train,valid,test}}.txt)")
     facts = []
-    for lineno, line in _read_lines(txt):
+    for lineno, raw in _read_lines(txt):
+        line = raw.decode("utf-8", errors="backslashreplace")  # for the excerpt; decode_line checks it
         try:
-            record = parse_line(line)
+            record = parse_line(decode_line(raw, lineno))
             tokens, entity = parse_entity(record)
             relation = record["relation"]
             if not isinstance(relation, str) or relation not in labels:
