@@ -100,6 +100,47 @@ def test_each_bad_record_is_rejected_with_file_line_and_reason_and_good_ones_kep
     assert not (tmp_path / "pwned").exists()
 
 
+def _with(record: dict, **fields) -> dict:
+    return {**record, **fields}
+
+
+def test_fields_of_the_wrong_type_are_rejected_not_coerced_and_never_crash_the_stage(tmp_path):
+    good = fact("a.jpg", (0.5, 0.5, 0.2, 0.2))
+    hostile = {
+        2: _with(good, h={"name": ["Alice"], "pos": [False, True]}),   # bool is an int subclass
+        3: _with(good, h={"name": ["Alice"], "pos": [0.0, 1.0]}),
+        4: _with(good, t={"name": "woman", "pos": (0.5, 0.5, True, True)}),  # would be the whole image
+        5: _with(good, t={"name": "woman", "pos": (0.5, False, 0.2, 0.2)}),
+        6: _with(good, t={"name": "woman", "pos": (1e308, 0.5, 0.2, 0.2)}),  # finite, but not in pixels
+        7: _with(good, t={"name": "woman", "pos": (10**400, 0.5, 0.2, 0.2)}),  # too large for a float
+        8: _with(good, img_id=["a.jpg"]),                                # unhashable
+        9: _with(good, h={"name": [1, 2], "pos": [0, 1]}),
+        10: _with(good, t={"name": ["woman"], "pos": (0.5, 0.5, 0.2, 0.2)}),
+        11: _with(good, text=["Alice", "Smith"]),
+        12: "{[1]: 2}",                                                  # literal_eval raises TypeError
+    }
+    kinds = {2: "bad_entity_span", 3: "bad_entity_span", 4: "bad_box", 5: "bad_box", 6: "bad_box", 7: "bad_box",
+             8: "image_path", 9: "bad_entity_name", 10: "bad_object_name", 11: "bad_text", 12: "not_a_literal"}
+    lines = [good] + [hostile[n] for n in sorted(hostile)] + [_with(good, t={"name": "woman", "pos": ("0.5", "0.5", "1", "1")})]
+    src = write_more(tmp_path / "src", {"train": lines}, IMAGES)
+    summary = ingest(src, tmp_path / "out", CFG)
+    rejects = {r["line"]: r for r in read_jsonl(tmp_path / "out" / "rejects.jsonl")}
+    assert {line: r["kind"] for line, r in rejects.items()} == kinds
+    assert "boolean" in rejects[4]["reason"] and "[False, True]" in rejects[2]["reason"]
+    kept = read_jsonl(tmp_path / "out" / "train.jsonl")
+    assert [r["source"] for r in kept] == ["txt/train.txt:1", "txt/train.txt:13"]
+    assert kept[1]["object"]["box"] == [0, 0, 200, 100]  # numeric strings are still numbers
+    assert all(type(v) is int for r in kept for v in (r["entity"]["start"], r["entity"]["end"], *r["object"]["box"]))
+    assert summary["facts"]["train"] == 2 and summary["rejects"] == len(kinds)
+
+
+def test_caption_file_of_the_wrong_shape_is_a_clear_error(tmp_path):
+    src = write_more(tmp_path / "src", {"train": [fact("a.jpg", (0.5, 0.5, 0.2, 0.2))]}, IMAGES)
+    (src / "caption_dict.json").write_text(json.dumps({"a.jpg": "a smiling woman"}))
+    with pytest.raises(IngestError, match=r"caption_dict.json: entry 'a.jpg': expected a JSON object"):
+        ingest(src, tmp_path / "out", CFG)
+
+
 def test_a_line_that_is_not_utf8_is_rejected_and_the_rest_of_the_file_kept(tmp_path):
     good = repr(fact("a.jpg", (0.5, 0.5, 0.2, 0.2))).encode()
     bad = repr(fact("a.jpg", (0.5, 0.5, 0.2, 0.2), tokens=["Café", "b", "c"])).encode().replace(

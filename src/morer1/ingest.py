@@ -68,14 +68,16 @@ def pixel_box(pos, width: int, height: int, tolerance: float) -> list[int]:
     """Pixel box [x0, y0, x1, y1] (x1, y1 exclusive) from a normalised (cx, cy, w, h) of numbers or strings."""
     if not isinstance(pos, (list, tuple)) or len(pos) != 4:
         raise Reject("bad_box", f"object box must be 4 values (cx, cy, w, h), got {pos!r}")
+    if any(isinstance(v, bool) for v in pos):  # bool is an int to Python, and float(True) is 1.0
+        raise Reject("bad_box", f"object box has a boolean value: {pos!r}")
     try:
         cx, cy, w, h = (float(v) for v in pos)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise Reject("bad_box", f"object box has a non-numeric value: {pos!r}") from None
-    if not all(math.isfinite(v) for v in (cx, cy, w, h)) or w <= 0 or h <= 0:
+    edges = (cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height
+    if not all(math.isfinite(v) for v in (cx, cy, w, h, *edges)) or w <= 0 or h <= 0:
         raise Reject("bad_box", f"object box is not a positive finite box: {pos!r}")
-    x0, x1 = round((cx - w / 2) * width), round((cx + w / 2) * width)
-    y0, y1 = round((cy - h / 2) * height), round((cy + h / 2) * height)
+    x0, y0, x1, y1 = (round(v) for v in edges)
     tol_x, tol_y = tolerance * width, tolerance * height
     if x0 < -tol_x or y0 < -tol_y or x1 > width + tol_x or y1 > height + tol_y:
         raise Reject("box_outside_image", f"box {[x0, y0, x1, y1]} lies outside the {width}x{height} image")
@@ -92,7 +94,7 @@ def parse_line(line: str) -> dict:
         raise Reject("not_a_literal", f"line longer than {MAX_LINE_CHARS} characters")
     try:
         record = ast.literal_eval(text)
-    except (SyntaxError, ValueError, MemoryError, RecursionError) as exc:
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError) as exc:  # TypeError: {[1]: 2}
         if text.startswith("{") and not text.endswith("}"):
             raise Reject("truncated_line", "truncated line: the record is cut off") from None
         raise Reject("not_a_literal", f"not a Python literal: {type(exc).__name__}: {getattr(exc, 'msg', exc)}") from None
@@ -111,14 +113,18 @@ def parse_entity(record: dict) -> tuple[list[str], dict]:
         raise Reject("bad_tokens", "'token' must be a non-empty list of strings")
     h = record["h"]
     pos = h.get("pos") if isinstance(h, dict) else None
-    if not (isinstance(pos, (list, tuple)) and len(pos) == 2 and all(isinstance(p, int) for p in pos)):
+    if not (isinstance(pos, (list, tuple)) and len(pos) == 2
+            and all(isinstance(p, int) and not isinstance(p, bool) for p in pos)):
         raise Reject("bad_entity_span", f"entity 'h.pos' must be [start, end] integers, got {pos!r}")
     start, end = pos
     if not 0 <= start < end <= len(tokens):
         raise Reject("bad_entity_span", f"entity span [{start}, {end}) is outside the {len(tokens)} tokens")
     name = h.get("name")
-    name = " ".join(name) if isinstance(name, (list, tuple)) else str(name or " ".join(tokens[start:end]))
-    return tokens, {"name": name, "start": start, "end": end}
+    if isinstance(name, (list, tuple)) and all(isinstance(n, str) for n in name):
+        name = " ".join(name)
+    elif name is not None and not isinstance(name, str):
+        raise Reject("bad_entity_name", f"entity 'h.name' must be a string or a list of strings, got {name!r}")
+    return tokens, {"name": name or " ".join(tokens[start:end]), "start": start, "end": end}
 
 
 def image_path(source: Path, split_file: str, img_id) -> Path:
@@ -172,6 +178,9 @@ def load_captions(path: Path) -> dict:
         raise IngestError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
     if not isinstance(data, dict):
         raise IngestError(f"{path}:1: expected a JSON object img_id -> {{object: caption}}")
+    for img_id, objects in data.items():
+        if not isinstance(objects, dict) or not all(c is None or isinstance(c, str) for c in objects.values()):
+            raise IngestError(f"{path}: entry {img_id!r}: expected a JSON object {{object name: caption string}}")
     return data
 
 
@@ -211,10 +220,14 @@ def _ingest_split(source, split_file, labels, captions, cfg, images, crops_dir, 
             relation = record["relation"]
             if not isinstance(relation, str) or relation not in labels:
                 raise Reject("label_not_in_set", f"label {relation!r} is not in rel2id.json")
+            text = record.get("text")
+            if text is not None and not isinstance(text, str):
+                raise Reject("bad_text", f"'text' must be a string, got {type(text).__name__}")
+            path = image_path(source, split_file, record["img_id"])  # checks img_id before it is a key
             key = (split_file, record["img_id"])
             if key not in images:
                 try:
-                    images[key] = read_image(image_path(source, split_file, record["img_id"]))
+                    images[key] = read_image(path)
                 except Reject as exc:
                     images[key] = exc
             info = images[key]
@@ -223,6 +236,8 @@ def _ingest_split(source, split_file, labels, captions, cfg, images, crops_dir, 
             t = record["t"]
             if not isinstance(t, dict) or "pos" not in t:
                 raise Reject("bad_box", "object 't' must be a dict with 'name' and 'pos'")
+            if not isinstance(t.get("name", ""), str):
+                raise Reject("bad_object_name", f"object 't.name' must be a string, got {t['name']!r}")
             box = pixel_box(t["pos"], info.width, info.height, cfg.box_tolerance)
         except Reject as exc:
             rejects.append({
@@ -233,7 +248,7 @@ def _ingest_split(source, split_file, labels, captions, cfg, images, crops_dir, 
         crop_rel = f"crops/{split}/{fact_id}.png"
         with Image.open(info.path) as img:
             img.convert("RGB").crop(box).save(crops_dir / crop_rel)
-        obj_name = str(t.get("name", ""))
+        obj_name = t.get("name", "")
         types = type_pair(relation)
         facts.append({
             "id": fact_id,
@@ -243,7 +258,7 @@ def _ingest_split(source, split_file, labels, captions, cfg, images, crops_dir, 
             "image": f"images/{split}/{record['img_id']}",
             "width": info.width,
             "height": info.height,
-            "text": str(record.get("text") or " ".join(tokens)),
+            "text": text or " ".join(tokens),
             "tokens": tokens,
             "entity": entity,
             "object": {
