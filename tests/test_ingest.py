@@ -2,6 +2,8 @@
 
 import io
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -121,7 +123,8 @@ def test_fields_of_the_wrong_type_are_rejected_not_coerced_and_never_crash_the_s
     }
     kinds = {2: "bad_entity_span", 3: "bad_entity_span", 4: "bad_box", 5: "bad_box", 6: "bad_box", 7: "bad_box",
              8: "image_path", 9: "bad_entity_name", 10: "bad_object_name", 11: "bad_text", 12: "not_a_literal"}
-    lines = [good] + [hostile[n] for n in sorted(hostile)] + [_with(good, t={"name": "woman", "pos": ("0.5", "0.5", "1", "1")})]
+    whole_image = _with(good, t={"name": "woman", "pos": ("0.5", "0.5", "1", "1")})
+    lines = [good] + [hostile[n] for n in sorted(hostile)] + [whole_image]
     src = write_more(tmp_path / "src", {"train": lines}, IMAGES)
     summary = ingest(src, tmp_path / "out", CFG)
     rejects = {r["line"]: r for r in read_jsonl(tmp_path / "out" / "rejects.jsonl")}
@@ -132,6 +135,48 @@ def test_fields_of_the_wrong_type_are_rejected_not_coerced_and_never_crash_the_s
     assert kept[1]["object"]["box"] == [0, 0, 200, 100]  # numeric strings are still numbers
     assert all(type(v) is int for r in kept for v in (r["entity"]["start"], r["entity"]["end"], *r["object"]["box"]))
     assert summary["facts"]["train"] == 2 and summary["rejects"] == len(kinds)
+
+
+_INGEST_IN_A_PROCESS = """
+import sys
+from morer1.ingest import IngestConfig, ingest
+ingest(sys.argv[1], sys.argv[2], IngestConfig(max_reject_fraction=1.0))
+"""
+
+
+def test_reject_reasons_are_the_same_on_every_run_of_the_same_input(tmp_path):
+    good = fact("a.jpg", (0.5, 0.5, 0.2, 0.2))
+    words = {"alpha", "beta", "gamma", "delta", "epsilon", "zeta"}  # a set's order follows the hash seed
+    hostile = [
+        repr(good),
+        "__import__('os').system('touch pwned')",                # literal_eval names the node object
+        "{'token': ['x'], 'h': {'pos': [0, 1]}, 't': object(), 'relation': 'none', 'img_id': 'a.jpg'}",
+        "lambda: 0",
+        repr(_with(good, h={"name": ["Alice"], "pos": words})),
+        repr(_with(good, img_id=words)),
+        repr(_with(good, relation=words)),
+        repr(_with(good, t={"name": "woman", "pos": [words, 1, 2, 3]})),
+        repr(_with(good, t={"name": "woman", "pos": tuple(range(10**4))})),  # long: quoted in part only
+        repr(fact("broken.jpg", (0.5, 0.5, 0.2, 0.2))),
+        "{[1]: 2}",
+    ]
+    src = write_more(tmp_path / "src", {"train": hostile}, IMAGES)
+    (src / "img_org" / "train" / "broken.jpg").write_bytes(b"not a jpeg")
+    runs = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"out{seed}"
+        subprocess.run([sys.executable, "-c", _INGEST_IN_A_PROCESS, str(src), str(out)], check=True, cwd=tmp_path,
+                       env={**os.environ, "PYTHONHASHSEED": seed})
+        runs.append((out / "rejects.jsonl").read_bytes())
+    assert runs[0] == runs[1]
+    rejects = [json.loads(line) for line in runs[0].decode().splitlines()]
+    assert len(rejects) == len(hostile) - 1
+    for r in rejects:
+        assert not re.search(r"0x[0-9a-f]{6,}", r["reason"], re.IGNORECASE), r
+        assert len(r["reason"]) < 400, r
+    assert "a Call expression is not allowed" in rejects[0]["reason"]
+    assert "{'alpha', 'beta', 'delta', 'epsilon', 'gamma', 'zeta'}" in rejects[3]["reason"]
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_caption_file_of_the_wrong_shape_is_a_clear_error(tmp_path):

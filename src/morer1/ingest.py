@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import re
 import shutil
 import sys
 import warnings
@@ -26,6 +27,7 @@ from morer1.params import StageConfig
 SPLITS = {"train": "train", "valid": "dev", "test": "test"}  # source file name -> output split
 MAX_LINE_CHARS = 1_000_000
 REQUIRED_FIELDS = ("token", "h", "t", "relation", "img_id")
+SHOW_CHARS = 120  # longest value quoted in a reject reason
 
 
 class IngestConfig(StageConfig):
@@ -57,6 +59,37 @@ class Reject(Exception):
         self.kind = kind
 
 
+def _stable_repr(value) -> str:
+    """repr of a literal value, with sets sorted: a set's order changes with the hash seed of each run."""
+    if isinstance(value, (set, frozenset)):
+        return "{" + ", ".join(sorted(map(_stable_repr, value))) + "}" if value else "set()"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_stable_repr, value)) + "]"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(map(_stable_repr, value)) + ("," if len(value) == 1 else "") + ")"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_stable_repr(k)}: {_stable_repr(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def show(value) -> str:
+    """A source value as quoted in a reject reason: the same text on every run, at most SHOW_CHARS long."""
+    try:
+        text = _stable_repr(value)
+    except (RecursionError, ValueError):  # deeply nested, or an int too long to print
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= SHOW_CHARS else text[: SHOW_CHARS - 3] + "..."
+
+
+def _literal_error(exc: Exception) -> str:
+    """Why `ast.literal_eval` refused a line, without the memory address its message gives a non-literal node."""
+    node = re.search(r"<ast\.(\w+) object at 0x[0-9a-fA-F]+>", str(exc))
+    if node:
+        return (f"a {node.group(1)} expression is not allowed "
+                "(only strings, numbers, tuples, lists, dicts, sets, True, False and None)")
+    return f"{type(exc).__name__}: {getattr(exc, 'msg', None) or exc}"
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     path: Path
@@ -67,16 +100,16 @@ class ImageInfo:
 def pixel_box(pos, width: int, height: int, tolerance: float) -> list[int]:
     """Pixel box [x0, y0, x1, y1] (x1, y1 exclusive) from a normalised (cx, cy, w, h) of numbers or strings."""
     if not isinstance(pos, (list, tuple)) or len(pos) != 4:
-        raise Reject("bad_box", f"object box must be 4 values (cx, cy, w, h), got {pos!r}")
+        raise Reject("bad_box", f"object box must be 4 values (cx, cy, w, h), got {show(pos)}")
     if any(isinstance(v, bool) for v in pos):  # bool is an int to Python, and float(True) is 1.0
-        raise Reject("bad_box", f"object box has a boolean value: {pos!r}")
+        raise Reject("bad_box", f"object box has a boolean value: {show(pos)}")
     try:
         cx, cy, w, h = (float(v) for v in pos)
     except (TypeError, ValueError, OverflowError):
-        raise Reject("bad_box", f"object box has a non-numeric value: {pos!r}") from None
+        raise Reject("bad_box", f"object box has a non-numeric value: {show(pos)}") from None
     edges = (cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height
     if not all(math.isfinite(v) for v in (cx, cy, w, h, *edges)) or w <= 0 or h <= 0:
-        raise Reject("bad_box", f"object box is not a positive finite box: {pos!r}")
+        raise Reject("bad_box", f"object box is not a positive finite box: {show(pos)}")
     x0, y0, x1, y1 = (round(v) for v in edges)
     tol_x, tol_y = tolerance * width, tolerance * height
     if x0 < -tol_x or y0 < -tol_y or x1 > width + tol_x or y1 > height + tol_y:
@@ -97,7 +130,7 @@ def parse_line(line: str) -> dict:
     except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError) as exc:  # TypeError: {[1]: 2}
         if text.startswith("{") and not text.endswith("}"):
             raise Reject("truncated_line", "truncated line: the record is cut off") from None
-        raise Reject("not_a_literal", f"not a Python literal: {type(exc).__name__}: {getattr(exc, 'msg', exc)}") from None
+        raise Reject("not_a_literal", f"not a Python literal: {_literal_error(exc)}") from None
     if not isinstance(record, dict):
         raise Reject("not_a_literal", f"record is a {type(record).__name__}, not a dict")
     missing = [k for k in REQUIRED_FIELDS if k not in record]
@@ -115,7 +148,7 @@ def parse_entity(record: dict) -> tuple[list[str], dict]:
     pos = h.get("pos") if isinstance(h, dict) else None
     if not (isinstance(pos, (list, tuple)) and len(pos) == 2
             and all(isinstance(p, int) and not isinstance(p, bool) for p in pos)):
-        raise Reject("bad_entity_span", f"entity 'h.pos' must be [start, end] integers, got {pos!r}")
+        raise Reject("bad_entity_span", f"entity 'h.pos' must be [start, end] integers, got {show(pos)}")
     start, end = pos
     if not 0 <= start < end <= len(tokens):
         raise Reject("bad_entity_span", f"entity span [{start}, {end}) is outside the {len(tokens)} tokens")
@@ -123,7 +156,7 @@ def parse_entity(record: dict) -> tuple[list[str], dict]:
     if isinstance(name, (list, tuple)) and all(isinstance(n, str) for n in name):
         name = " ".join(name)
     elif name is not None and not isinstance(name, str):
-        raise Reject("bad_entity_name", f"entity 'h.name' must be a string or a list of strings, got {name!r}")
+        raise Reject("bad_entity_name", f"entity 'h.name' must be a string or a list of strings, got {show(name)}")
     return tokens, {"name": name or " ".join(tokens[start:end]), "start": start, "end": end}
 
 
@@ -131,10 +164,10 @@ def image_path(source: Path, split_file: str, img_id) -> Path:
     """Path of an image, confined to `img_org/<split>/`; Reject if it would leave that folder."""
     folder = (source / "img_org" / split_file).resolve()
     if not isinstance(img_id, str) or not img_id or "\x00" in img_id:
-        raise Reject("image_path", f"img_id must be a non-empty string, got {img_id!r}")
+        raise Reject("image_path", f"img_id must be a non-empty string, got {show(img_id)}")
     path = (folder / img_id).resolve()
     if path.parent != folder:
-        raise Reject("image_path", f"image path {img_id!r} leaves img_org/{split_file}/")
+        raise Reject("image_path", f"image path {show(img_id)} leaves img_org/{split_file}/")
     return path
 
 
@@ -219,7 +252,7 @@ def _ingest_split(source, split_file, labels, captions, cfg, images, crops_dir, 
             tokens, entity = parse_entity(record)
             relation = record["relation"]
             if not isinstance(relation, str) or relation not in labels:
-                raise Reject("label_not_in_set", f"label {relation!r} is not in rel2id.json")
+                raise Reject("label_not_in_set", f"label {show(relation)} is not in rel2id.json")
             text = record.get("text")
             if text is not None and not isinstance(text, str):
                 raise Reject("bad_text", f"'text' must be a string, got {type(text).__name__}")
@@ -237,7 +270,7 @@ def _ingest_split(source, split_file, labels, captions, cfg, images, crops_dir, 
             if not isinstance(t, dict) or "pos" not in t:
                 raise Reject("bad_box", "object 't' must be a dict with 'name' and 'pos'")
             if not isinstance(t.get("name", ""), str):
-                raise Reject("bad_object_name", f"object 't.name' must be a string, got {t['name']!r}")
+                raise Reject("bad_object_name", f"object 't.name' must be a string, got {show(t['name'])}")
             box = pixel_box(t["pos"], info.width, info.height, cfg.box_tolerance)
         except Reject as exc:
             rejects.append({
