@@ -230,10 +230,26 @@ def test_code_running_pth_is_refused_without_side_effects(tmp_path):
     marker = tmp_path / "pwned"
     src = write_more(tmp_path / "src", {"train": [fact("a.jpg", (0.5, 0.5, 0.2, 0.2))]}, IMAGES)
     torch.save({"a.jpg": {"woman": _RunsCode(marker)}}, src / "ent_train_dict.pth")
-    with pytest.raises(IngestError, match=r"ent_train_dict.pth: refused: not a plain-data torch file"):
+    with pytest.raises(IngestError) as refused:
         ingest(src, tmp_path / "out", CFG)
+    message = str(refused.value)
+    assert message.startswith(f"{src / 'ent_train_dict.pth'}: refused: not plain data: it refers to ")
+    assert "system" in message and "never loaded" in message
+    assert "weights_only" not in message and "False" not in message  # torch's advice to load it unsafely
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
+    torch.load(src / "ent_train_dict.pth", weights_only=False)  # control: the payload is live when unpickled
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", b"PK\x03\x04cut off zip"])
+def test_unreadable_pth_is_refused_with_a_short_reason(tmp_path, content):
+    src = write_more(tmp_path / "src", {"train": [fact("a.jpg", (0.5, 0.5, 0.2, 0.2))]}, IMAGES)
+    (src / "ent_valid_dict.pth").write_bytes(content)
+    with pytest.raises(IngestError, match=r"ent_valid_dict.pth: refused: not a readable plain-data torch file "
+                                          r"\(.+\); the file is never loaded\.$") as refused:
+        ingest(src, tmp_path / "out", CFG)
+    assert "weights_only" not in str(refused.value) and len(str(refused.value)) < 400
 
 
 def test_previous_output_survives_a_failed_run(tmp_path):

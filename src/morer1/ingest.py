@@ -185,6 +185,25 @@ def read_image(path: Path) -> ImageInfo:
         raise Reject("image_unreadable", f"unreadable image {path.name}: {exc}") from None
 
 
+def _torch_refusal(exc: Exception) -> str:
+    """Why torch's restricted loader refused a file, in our words.
+
+    Torch's own message advises retrying with `weights_only=False`, which would run whatever code the
+    file holds; that advice is never passed on."""
+    if isinstance(exc, EOFError):
+        return "not a readable plain-data torch file (it is empty or cut off); the file is never loaded."
+    text = str(exc)
+    code = re.search(r"GLOBAL\s+([\w.]+)", text)
+    if code:
+        return (f"not plain data: it refers to {code.group(1)}, which a full unpickling would import or run; "
+                "the file is never loaded. Only plain data (dicts, lists, strings, numbers, tensors) is read.")
+    detail = next((line.strip() for line in text.splitlines() if line.strip()
+                   and not re.search(r"weights.only|re-running|file an issue|documentation", line, re.IGNORECASE)),
+                  type(exc).__name__)
+    detail = re.sub(r"0x[0-9a-fA-F]{6,}", "0x…", detail.split(". ")[0])[:SHOW_CHARS]
+    return f"not a readable plain-data torch file ({detail}); the file is never loaded."
+
+
 def load_object_dict(path: Path) -> dict[str, dict]:
     """`ent_<split>_dict.pth` as plain data; IngestError if it holds anything else."""
     import pickle
@@ -193,9 +212,9 @@ def load_object_dict(path: Path) -> dict[str, dict]:
 
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise IngestError(f"{path}: refused: not a plain-data torch file ({first})") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError, TypeError,
+            KeyError, IndexError, OSError) as exc:
+        raise IngestError(f"{path}: refused: {_torch_refusal(exc)}") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise IngestError(f"{path}: refused: expected a dict img_id -> {{object name: box}}")
     return data
