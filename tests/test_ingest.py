@@ -205,13 +205,29 @@ def test_a_line_that_is_not_utf8_is_rejected_and_the_rest_of_the_file_kept(tmp_p
     assert printed.getvalue().startswith(f"{src / 'txt' / 'train.txt'}:2: not UTF-8: byte 0xe9")
 
 
-def test_reject_fraction_fails_after_writing_outputs(tmp_path):
-    lines = {"train": [repr(fact("a.jpg", (0.5, 0.5, 0.2, 0.2))), "{'token': ['x'"]}
-    src = write_more(tmp_path / "src", lines, IMAGES)
-    with pytest.raises(RejectFractionExceeded, match=r"1 of 2 lines rejected \(50.0%\)"):
-        ingest(src, tmp_path / "out", IngestConfig(max_reject_fraction=0.4))
-    assert len(read_jsonl(tmp_path / "out" / "train.jsonl")) == 1
-    assert read_jsonl(tmp_path / "out" / "rejects.jsonl")[0]["kind"] == "truncated_line"
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_too_many_rejects_fails_keeps_the_previous_output_and_reports_this_runs_rejects(tmp_path):
+    good = repr(fact("a.jpg", (0.5, 0.5, 0.2, 0.2)))
+    src = write_more(tmp_path / "src", {"train": [good, good, "[1, 2"]}, IMAGES)
+    out = tmp_path / "out"
+    ingest(src, out, IngestConfig(max_reject_fraction=0.4))
+    before = _snapshot(out)
+    (src / "txt" / "train.txt").write_text(f"{good}\n{{'token': ['x'\n")
+    with pytest.raises(RejectFractionExceeded, match=r"1 of 2 lines rejected \(50.0%\), more than "
+                                                     r"ingest.max_reject_fraction=40.0%; the previous output is kept"):
+        ingest(src, out, IngestConfig(max_reject_fraction=0.4))
+    assert _snapshot(out) == before
+    assert not (tmp_path / "out.partial").exists()
+    assert [r["kind"] for r in read_jsonl(tmp_path / "out.rejects.jsonl")] == ["truncated_line"]
+    printed = io.StringIO()
+    report_rejects(out, stream=printed)  # this run's rejects, not the ones of the kept output
+    assert printed.getvalue() == f"{src / 'txt' / 'train.txt'}:2: truncated line: the record is cut off\n"
+    ingest(src, out, CFG)  # a run that succeeds replaces the output and clears the failed run's file
+    assert not (tmp_path / "out.rejects.jsonl").exists()
+    assert read_jsonl(out / "rejects.jsonl")[0]["kind"] == "truncated_line"
 
 
 class _RunsCode:
@@ -252,13 +268,53 @@ def test_unreadable_pth_is_refused_with_a_short_reason(tmp_path, content):
     assert "weights_only" not in str(refused.value) and len(str(refused.value)) < 400
 
 
-def test_previous_output_survives_a_failed_run(tmp_path):
-    src = write_more(tmp_path / "src", {"train": [fact("a.jpg", (0.5, 0.5, 0.2, 0.2))]}, IMAGES)
-    ingest(src, tmp_path / "out", CFG)
+def _break_rel2id(src):
     (src / "rel2id.json").write_text("{not json")
-    with pytest.raises(IngestError, match=r"rel2id.json:1: not valid JSON"):
-        ingest(src, tmp_path / "out", CFG)
-    assert len(read_jsonl(tmp_path / "out" / "train.jsonl")) == 1
+
+
+def _unsafe_pth(src):
+    torch.save({"b.jpg": {"woman": _RunsCode(src / "pwned")}}, src / "ent_valid_dict.pth")  # after train is written
+
+
+def _no_lines(src):
+    for split in ("train", "valid", "test"):
+        (src / "txt" / f"{split}.txt").write_text("\n")
+
+
+def _crash(src):
+    import morer1.ingest
+
+    morer1.ingest._add_pair_counts = None  # an unexpected error midway: TypeError, 'NoneType' is not callable
+
+
+@pytest.mark.parametrize("breaks, error, reads_train", [
+    (_break_rel2id, r"rel2id.json:1: not valid JSON", False),
+    (_unsafe_pth, r"ent_valid_dict.pth: refused: not plain data", True),
+    (_no_lines, r"no fact lines found", False),
+    (_crash, r"not callable", True),
+], ids=["bad rel2id", "unsafe pth", "no lines", "crash"])
+def test_previous_output_survives_a_failed_run_and_nothing_half_written_is_left(
+        tmp_path, monkeypatch, breaks, error, reads_train):
+    import morer1.ingest
+
+    monkeypatch.setattr(morer1.ingest, "_add_pair_counts", morer1.ingest._add_pair_counts)  # undone after
+    good = fact("a.jpg", (0.5, 0.5, 0.2, 0.2))
+    src = write_more(tmp_path / "src", {"train": [good, "oops"], "valid": [fact("b.jpg", (0.5, 0.5, 0.2, 0.2))]},
+                     IMAGES)
+    out = tmp_path / "data" / "out"
+    ingest(src, out, CFG)
+    before = _snapshot(out)
+    (src / "txt" / "train.txt").write_text(f"{good!r}\n{good!r}\noops\n")  # the failed run rejects line 3
+    breaks(src)
+    with pytest.raises(Exception, match=error):
+        ingest(src, out, CFG)
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out", "out.rejects.jsonl"]  # no out.partial, no out.old
+    assert not (src / "pwned").exists()
+    printed = io.StringIO()
+    report_rejects(out, stream=printed)  # this run's rejects (if it got to read lines), not the kept output's
+    assert ("train.txt:3: not a Python literal" in printed.getvalue()) == reads_train
+    assert "train.txt:2:" not in printed.getvalue()
 
 
 def test_pixel_box_rejects_non_numbers():

@@ -48,7 +48,7 @@ class IngestError(BadInputError):
 
 
 class RejectFractionExceeded(IngestError):
-    """More lines were rejected than `max_reject_fraction` allows (outputs were still written)."""
+    """More lines were rejected than `max_reject_fraction` allows (the previous output is kept)."""
 
 
 class Reject(Exception):
@@ -338,13 +338,41 @@ def _add_pair_counts(facts: list[dict], object_dict: dict[str, dict]) -> None:
         f["pair_objects"] = len(known)
 
 
+def failed_rejects_path(output: str | Path) -> Path:
+    """`<output>.rejects.jsonl`: the rejects of the last run into `output` if that run failed, else absent."""
+    output = Path(output)
+    return output.with_name(output.name + ".rejects.jsonl")
+
+
 def ingest(source: str | Path, output: str | Path, cfg: IngestConfig) -> dict:
     """Read `source` (official MORE layout) into `output`; return the summary.
 
-    Writes everything into a fresh folder and swaps it in at the end, so a crash leaves the previous
-    output intact. Raises RejectFractionExceeded after writing when too many lines were rejected.
+    Everything is written into `<output>.partial` and swapped in only when the run succeeds. On any
+    failure, too many rejects included, the partial folder is removed, `output` is left as it was, and
+    the lines this run rejected before it stopped go to `<output>.rejects.jsonl` (`report_rejects`
+    prints them); the next run removes that file.
     """
     source, output = Path(source), Path(output)
+    staging = output.with_name(output.name + ".partial")
+    failed = failed_rejects_path(output)
+    failed.unlink(missing_ok=True)
+    rejects: list[dict] = []
+    try:
+        summary = _ingest_into(source, staging, cfg, rejects, failed)
+    except BaseException:  # Ctrl-C too: never leave a half-written folder behind
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            write_jsonl(failed, rejects)
+        except OSError:
+            pass  # do not hide the error that stopped the run behind one about this file
+        raise
+    swap_in(staging, output)
+    return summary
+
+
+def _ingest_into(source: Path, staging: Path, cfg: IngestConfig, rejects: list[dict], failed: Path) -> dict:
+    """Write the whole ingested folder into `staging`; raise if the run must fail (see `ingest`)."""
     if not source.is_dir():
         raise IngestError(f"{source}: source folder not found")
     try:
@@ -355,14 +383,12 @@ def ingest(source: str | Path, output: str | Path, cfg: IngestConfig) -> dict:
         raise IngestError(str(exc)) from None
     captions = load_captions(source / "caption_dict.json")
 
-    staging = output.with_name(output.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     for split in SPLITS.values():
         (staging / "crops" / split).mkdir(parents=True)
         (staging / "images" / split).mkdir(parents=True)
 
     images: dict = {}
-    rejects: list[dict] = []
     summary: dict = {"source": str(source.resolve()), "facts": {}, "lines": {}, "labels": {}}
     for split_file, split in SPLITS.items():
         pth = source / f"ent_{split_file}_dict.pth"
@@ -377,29 +403,30 @@ def ingest(source: str | Path, output: str | Path, cfg: IngestConfig) -> dict:
         summary["lines"][split] = len(facts) + len(rejects) - before
         summary["labels"][split] = dict(sorted(Counter(f["relation"] for f in facts).items()))
 
-    write_jsonl(staging / "rejects.jsonl", rejects)
-    (staging / "labels.json").write_text(json.dumps(sorted(labels, key=labels.get), indent=1) + "\n")
     total = sum(summary["lines"].values())
-    summary["rejects"] = len(rejects)
-    summary["reject_fraction"] = len(rejects) / total if total else 0.0
-    summary["reject_reasons"] = dict(Counter(r["kind"] for r in rejects).most_common())
-    (staging / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-
-    swap_in(staging, output)
-
     if total == 0:
         raise IngestError(f"{source / 'txt'}: no fact lines found")
+    summary["rejects"] = len(rejects)
+    summary["reject_fraction"] = len(rejects) / total
+    summary["reject_reasons"] = dict(Counter(r["kind"] for r in rejects).most_common())
     if summary["reject_fraction"] > cfg.max_reject_fraction:
         raise RejectFractionExceeded(
             f"{len(rejects)} of {total} lines rejected ({summary['reject_fraction']:.1%}), more than "
-            f"ingest.max_reject_fraction={cfg.max_reject_fraction:.1%}; see {output / 'rejects.jsonl'}"
+            f"ingest.max_reject_fraction={cfg.max_reject_fraction:.1%}; the previous output is kept; "
+            f"every rejected line is in {failed}"
         )
+    write_jsonl(staging / "rejects.jsonl", rejects)
+    (staging / "labels.json").write_text(json.dumps(sorted(labels, key=labels.get), indent=1) + "\n")
+    (staging / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
 def report_rejects(output: str | Path, limit: int = 50, stream=sys.stderr) -> None:
-    """Print rejects as `file:line: reason`, at most `limit` of them."""
-    path = Path(output) / "rejects.jsonl"
+    """Print the rejects of the last run into `output` as `file:line: reason`, at most `limit` of them.
+
+    After a failed run these are the ones in `<output>.rejects.jsonl`, not the older ones in `output`."""
+    failed = failed_rejects_path(output)
+    path = failed if failed.exists() else Path(output) / "rejects.jsonl"
     if not path.exists():
         return
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
