@@ -217,7 +217,8 @@ def test_too_many_rejects_fails_keeps_the_previous_output_and_reports_this_runs_
     before = _snapshot(out)
     (src / "txt" / "train.txt").write_text(f"{good}\n{{'token': ['x'\n")
     with pytest.raises(RejectFractionExceeded, match=r"1 of 2 lines rejected \(50.0%\), more than "
-                                                     r"ingest.max_reject_fraction=40.0%; the previous output is kept"):
+                                                     r"ingest.max_reject_fraction=40.0%; .*out was left as it was; "
+                                                     r"every rejected line is in .*out.rejects.jsonl$"):
         ingest(src, out, IngestConfig(max_reject_fraction=0.4))
     assert _snapshot(out) == before
     assert not (tmp_path / "out.partial").exists()

@@ -358,7 +358,8 @@ def ingest(source: str | Path, output: str | Path, cfg: IngestConfig) -> dict:
     failed.unlink(missing_ok=True)
     rejects: list[dict] = []
     try:
-        summary = _ingest_into(source, staging, cfg, rejects, failed)
+        summary = _ingest_into(source, staging, cfg, rejects, output)
+        swap_in(staging, output)
     except BaseException:  # Ctrl-C too: never leave a half-written folder behind
         shutil.rmtree(staging, ignore_errors=True)
         try:
@@ -367,11 +368,10 @@ def ingest(source: str | Path, output: str | Path, cfg: IngestConfig) -> dict:
         except OSError:
             pass  # do not hide the error that stopped the run behind one about this file
         raise
-    swap_in(staging, output)
     return summary
 
 
-def _ingest_into(source: Path, staging: Path, cfg: IngestConfig, rejects: list[dict], failed: Path) -> dict:
+def _ingest_into(source: Path, staging: Path, cfg: IngestConfig, rejects: list[dict], output: Path) -> dict:
     """Write the whole ingested folder into `staging`; raise if the run must fail (see `ingest`)."""
     if not source.is_dir():
         raise IngestError(f"{source}: source folder not found")
@@ -412,8 +412,8 @@ def _ingest_into(source: Path, staging: Path, cfg: IngestConfig, rejects: list[d
     if summary["reject_fraction"] > cfg.max_reject_fraction:
         raise RejectFractionExceeded(
             f"{len(rejects)} of {total} lines rejected ({summary['reject_fraction']:.1%}), more than "
-            f"ingest.max_reject_fraction={cfg.max_reject_fraction:.1%}; the previous output is kept; "
-            f"every rejected line is in {failed}"
+            f"ingest.max_reject_fraction={cfg.max_reject_fraction:.1%}; {output} was left as it was; "
+            f"every rejected line is in {failed_rejects_path(output)}"
         )
     write_jsonl(staging / "rejects.jsonl", rejects)
     (staging / "labels.json").write_text(json.dumps(sorted(labels, key=labels.get), indent=1) + "\n")
