@@ -4,22 +4,27 @@ import base64
 import json
 import logging
 import re
-import socket
 import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 from PIL import Image
+from pydantic import ValidationError
+from servers import free_port
 
+from morer1.errors import BadInputError
 from morer1.labels import DEFAULT_LABELS
 from morer1.prompt import prompt_messages, teacher_instruction
-from morer1.teacher_openai import OpenAITeacher, OpenAITeacherConfig
+from morer1.teacher_openai import OpenAITeacher, OpenAITeacherConfig, TeacherError
 from morer1.teachers import TeacherRequest
 
 KEY = "sk-test-9f8e7d6c5b4a-SECRET"
 SLOW = "slow"  # answer only after the client's timeout
+BAD_JSON = "bad_json"  # 200 whose body is cut mid-JSON
+NO_CONTENT = "no_content"  # 200 whose JSON has no choices[0].message.content
 
 
 def answer(title: str) -> str:
@@ -58,6 +63,10 @@ class FakeServer:
             time.sleep(self.slow_s if action == SLOW else self.delay_s)
             if action in (SLOW, "ok"):
                 reply(handler, 200, {"choices": [{"message": {"role": "assistant", "content": answer(title)}}]})
+            elif action == BAD_JSON:
+                reply(handler, 200, '{"choices": [{"message": {"content": "<think>Step 1')
+            elif action == NO_CONTENT:
+                reply(handler, 200, {"choices": [{"message": {"role": "assistant", "content": None}}]})
             else:
                 status, retry_after = action
                 # An error body that echoes the request's credentials: the client must not log them.
@@ -70,8 +79,8 @@ class FakeServer:
                 self.active -= 1
 
 
-def reply(handler: BaseHTTPRequestHandler, status: int, payload: dict, headers: dict | None = None) -> None:
-    data = json.dumps(payload).encode()
+def reply(handler: BaseHTTPRequestHandler, status: int, payload: dict | str, headers: dict | None = None) -> None:
+    data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
     handler.send_response(status)
     handler.send_header("Content-Type", "application/json")
     handler.send_header("Content-Length", str(len(data)))
@@ -165,16 +174,98 @@ def test_400_fails_at_once_and_retries_run_out(server, tmp_path):
     assert teacher.stats["retries"] == 2
 
 
-def test_connection_errors_are_retried_then_counted(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again: nothing listens there
-    cfg = OpenAITeacherConfig(base_url=f"http://127.0.0.1:{port}/v1", max_retries=2, backoff_base_s=0.01,
+def test_a_200_that_is_not_a_completion_is_retried_like_a_5xx(server, tmp_path):
+    server.script["Garbled"] = [BAD_JSON, NO_CONTENT, (500, None)]
+    server.script["Empty"] = [NO_CONTENT] * 10
+    teacher = OpenAITeacher(config(server, tmp_path, max_retries=3))
+    assert teacher.generate(make_requests(tmp_path, ["Garbled", "Empty", "Fine"])) == [
+        answer("Garbled"), None, answer("Fine")]
+    assert server.calls == {"Garbled": 4, "Empty": 4, "Fine": 1}
+    assert teacher.stats == {"requests": 9, "cache_hits": 0, "retries": 6, "completions": 2,
+                             "failures": {"bad_response": 1}}
+
+
+def test_an_unreachable_endpoint_stops_the_run_quickly_with_one_line_naming_the_url(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    cfg = OpenAITeacherConfig(base_url=url, max_retries=3, backoff_base_s=0.05, concurrency=2,
                               cache_dir=str(tmp_path / "cache"))
     teacher = OpenAITeacher(cfg)
-    assert teacher.generate(make_requests(tmp_path, ["Nobody home"])) == [None]
-    assert teacher.stats == {"requests": 3, "cache_hits": 0, "retries": 2, "completions": 0,
-                             "failures": {"ConnectError": 1}}
+    start = time.monotonic()
+    with pytest.raises(TeacherError) as err:
+        teacher.generate(make_requests(tmp_path, [f"Nobody home {i}" for i in range(20)]))
+    assert time.monotonic() - start < 5
+    message = str(err.value)
+    assert isinstance(err.value, BadInputError) and "\n" not in message
+    assert message.startswith(f"teacher endpoint {url}/chat/completions is unreachable: ConnectError on 4 attempts")
+    assert teacher.stats["requests"] <= 2 * 4  # stopped with the first request: the other 18 never went out
+
+
+def test_an_endpoint_failing_every_request_stops_the_run(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MORER1_TEACHER_API_KEY", KEY)  # the 401 body echoes it: the message must not
+    titles = [f"Title {i}" for i in range(12)]
+    for title in titles:
+        server.script[title] = [(401, None)]
+    teacher = OpenAITeacher(config(server, tmp_path, concurrency=2, max_consecutive_failures=3))
+    with pytest.raises(TeacherError, match=r"is failing: 3 requests in a row failed after their retries with no "
+                                           r"completion in between \(http_401 3\); last: http_401 after 1 attempts"
+                                           r": .*Bearer \*\*\*") as err:
+        teacher.generate(make_requests(tmp_path, titles))
+    assert KEY not in str(err.value) and "\n" not in str(err.value)
+    assert server.total <= 4  # the third failure and the two requests in flight then, at most
+
+
+def test_a_stalled_endpoint_stops_the_run_after_the_timeouts(server, tmp_path):
+    titles = [f"Title {i}" for i in range(8)]
+    for title in titles:
+        server.script[title] = [SLOW] * 10
+    teacher = OpenAITeacher(config(server, tmp_path, concurrency=4, timeout_s=0.2, max_retries=1))
+    start = time.monotonic()
+    with pytest.raises(TeacherError, match=r"is failing: 3 requests in a row .*\(timeout 3\)"):
+        teacher.generate(make_requests(tmp_path, titles))
+    assert time.monotonic() - start < 3  # 2 attempts of 0.2 s each, not 8 requests x 2 attempts
+    assert teacher.stats["completions"] == 0
+
+
+def test_a_success_between_failures_keeps_the_run_going(server, tmp_path):
+    order = ["Bad 0", "Bad 1", "Fine", "Bad 2", "Bad 3"]  # one at a time in this order: never 3 failures in a row
+    for title in order:
+        if title.startswith("Bad"):
+            server.script[title] = [(400, None)]
+    teacher = OpenAITeacher(config(server, tmp_path, concurrency=1, max_consecutive_failures=3))
+    assert teacher.generate(make_requests(tmp_path, order)) == [None, None, answer("Fine"), None, None]
+    assert teacher.stats["failures"] == {"http_400": 4}
+
+
+def test_identical_requests_in_flight_are_paid_once(server, tmp_path):
+    server.delay_s = 0.2
+    (request,) = make_requests(tmp_path, ["Twice"])
+    teacher = OpenAITeacher(config(server, tmp_path, concurrency=4))
+    assert teacher.generate([request, request, request]) == [answer("Twice")] * 3
+    assert server.calls == {"Twice": 1}
+    assert teacher.stats["completions"] == 1 and teacher.stats["cache_hits"] == 2
+
+
+def test_connect_and_read_timeouts_are_separate(server, tmp_path, monkeypatch):
+    seen = {}
+    real = httpx.Client.__init__
+
+    def spy(self, *args, **kwargs):
+        seen["timeout"] = kwargs["timeout"]
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(httpx.Client, "__init__", spy)
+    OpenAITeacher(config(server, tmp_path, timeout_s=45.0, connect_timeout_s=4.0)).generate(
+        make_requests(tmp_path, ["One"]))
+    assert seen["timeout"] == httpx.Timeout(45.0, connect=4.0)
+    defaults = OpenAITeacherConfig()
+    assert (defaults.timeout_s, defaults.connect_timeout_s) == (60.0, 10.0)
+
+
+def test_base_url_must_be_http():
+    with pytest.raises(ValidationError, match="must start with http:// or https://"):
+        OpenAITeacherConfig(base_url="127.0.0.1:8000/v1")
+    cfg = OpenAITeacherConfig(base_url="https://api.example.com/v1/")
+    assert cfg.url == "https://api.example.com/v1/chat/completions"
 
 
 def test_concurrency_is_bounded(server, tmp_path):
