@@ -1,9 +1,17 @@
 """Prompt building, the rationale filter (each reason), template rationales, and the synthesize stage."""
 
+import contextlib
 import json
+import re
+import time
 
 import pytest
+from openai_server import FAULTS, OpenAIServer, body_key, gold_label, six_steps
+from PIL import Image
+from servers import free_port
 
+from morer1 import cli
+from morer1.errors import EXIT_BAD_INPUT, BadInputError
 from morer1.labels import DEFAULT_LABELS, NONE
 from morer1.parsing import parse_completion
 from morer1.prompt import prompt_messages, prompt_text, teacher_instruction
@@ -14,6 +22,7 @@ from morer1.synthesize import (
     select_facts,
     synthesize,
 )
+from morer1.teacher_openai import OpenAITeacherConfig
 from morer1.teachers import template_rationale
 
 LEAK = SynthesizeConfig().leakage_phrases
@@ -99,6 +108,155 @@ def _facts_dir(tmp_path, n=4):
     return d
 
 
+KEY = "sk-test-synth-0a1b2c3d-SECRET"
+OPENAI_RELATIONS = (NONE, "/per/per/partner", "/per/loc/place_of_birth", "/org/loc/locate_at")
+
+
+def _openai_facts_dir(tmp_path, n=50, distinct=48):
+    """`n` facts over one photo, each with its own crop; fact i > `distinct` repeats the content of fact
+    i - `distinct` (same title, crop pixels and label: the same teacher request, to be paid once)."""
+    d = tmp_path / "facts"
+    (d / "images" / "train").mkdir(parents=True)
+    (d / "crops" / "train").mkdir(parents=True)
+    Image.new("RGB", (48, 32), (20, 120, 200)).save(d / "images/train/a.jpg")
+    facts = []
+    for i in range(1, n + 1):
+        j = (i - 1) % distinct + 1
+        fact = make_fact(i, OPENAI_RELATIONS[j % len(OPENAI_RELATIONS)])
+        fact["text"] = f"story {j}: Alice Moreau returns to Lyon"
+        Image.new("RGB", (8, 6), (j * 5 % 256, 40, 200)).save(d / fact["object"]["crop"])
+        facts.append(fact)
+    (d / "labels.json").write_text(json.dumps(list(DEFAULT_LABELS)))
+    (d / "train.jsonl").write_text("".join(json.dumps(f) + "\n" for f in facts))
+    return d
+
+
+def _openai_config(tmp_path, base_url, **openai) -> SynthesizeConfig:
+    """Short timeouts and backoff for tests; a stall of the test server (1.5 s) outlasts the 1 s timeout."""
+    values = dict(base_url=base_url, model="teacher-x", concurrency=4, timeout_s=1.0, connect_timeout_s=1.0,
+                  max_retries=3, backoff_base_s=0.01, backoff_max_s=0.02, cache_dir=str(tmp_path / "cache"))
+    return SynthesizeConfig(teacher="openai", splits=("train",), none_fraction=None,
+                            openai=OpenAITeacherConfig(**{**values, **openai}))
+
+
+def imperfect_teacher(body: dict, key: str) -> str | tuple[int, str]:
+    """A real teacher: stories 16 and 32 get a wrong label (paid for, rejected by the filter), story 7 is refused
+    with a 400 every time (never paid), the others get six steps to the gold label."""
+    gold, story = gold_label(body), int(re.search(r"story (\d+):", json.dumps(body)).group(1))
+    if story == 7:
+        return 400, "image too large"
+    if story in (16, 32):
+        return six_steps("/per/per/partner" if gold == NONE else NONE)
+    return six_steps(gold)
+
+
+def test_synthesis_against_a_flaky_paid_endpoint_loses_nothing_and_pays_once(tmp_path, monkeypatch):
+    """A fifth of the calls fail (500, 429, 200 with a cut body, 200 without content, a stall past the timeout,
+    a dropped connection), deterministically by request and attempt: every fact is kept or counted with its
+    reason, each request is paid at most once, and a rerun is answered from the cache alone."""
+    monkeypatch.setenv("MORER1_TEACHER_API_KEY", KEY)
+    facts = _openai_facts_dir(tmp_path)
+    with OpenAIServer(fault_rate=0.2, stall_s=1.5, answer=imperfect_teacher) as server:
+        start = time.monotonic()
+        report = synthesize(facts, tmp_path / "sft", _openai_config(tmp_path, server.base_url))
+        seconds = time.monotonic() - start
+        split, stats = report["splits"]["train"], report["teacher_stats"]
+        assert set(server.fault_counts) == set(FAULTS)  # every kind of fault happened
+        assert 0.1 < len(server.failed_calls) / server.total_calls < 0.3
+        # Nothing lost to the faults: 47 of 50 kept, the 3 the teacher itself got wrong counted with their reason.
+        assert split["requested"] == 50 and split["kept"] == 47
+        assert split["rejected"] == {"answer_not_gold": 2, "no_completion": 1}
+        assert stats["failures"] == {"http_400": 1}
+        assert len((tmp_path / "sft" / "train.jsonl").read_text().splitlines()) == 47
+        # Paid once: 48 distinct requests (facts 49 and 50 repeat 1 and 2: read from the cache), each answered
+        # successfully at most once; only the refused one has no completion.
+        assert len(server.calls) == 48 and set(server.completions.values()) == {1}
+        paid = sum(server.completions.values())
+        assert paid == 47 == stats["completions"] and stats["cache_hits"] == 2
+        print(f"\nflaky endpoint: kept {split['kept']}/50, rejected {split['rejected']}, "
+              f"{server.total_calls} calls, faults {dict(server.fault_counts)}, paid {paid}, {seconds:.1f} s")
+
+        rerun = synthesize(facts, tmp_path / "sft-rerun", _openai_config(tmp_path, server.base_url))
+        assert rerun["splits"]["train"] == split
+        assert sum(server.completions.values()) == paid  # no new successful call: all from the cache
+        assert rerun["teacher_stats"]["cache_hits"] == 49 and rerun["teacher_stats"]["completions"] == 0
+    for path in [*(tmp_path / "sft").iterdir(), *(p for p in (tmp_path / "cache").rglob("*") if p.is_file())]:
+        assert KEY.encode() not in path.read_bytes()
+
+
+def _stub_tracking(monkeypatch) -> list:
+    """cli.main without MLflow (a fresh tracking store costs seconds); returns the reports the CLI logs."""
+    from morer1 import synthesize as synthesize_module
+    from morer1 import tracking
+
+    logged = []
+    monkeypatch.setattr(tracking, "stage_run", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(synthesize_module, "log_to_mlflow", lambda report, out: logged.append(report))
+    return logged
+
+
+def _write_params(tmp_path, base_url, **openai) -> str:
+    values = dict(base_url=base_url, model="teacher-x", concurrency=4, timeout_s=1.0, connect_timeout_s=1.0,
+                  max_retries=2, backoff_base_s=0.01, backoff_max_s=0.02, cache_dir=str(tmp_path / "cache"))
+    params = {"synthesize": {"teacher": "openai", "splits": ["train"], "none_fraction": None,
+                             "openai": {**values, **openai}}}
+    (tmp_path / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
+    return str(tmp_path / "params.yaml")
+
+
+def _error_lines(capsys) -> tuple[list[str], str]:
+    err = capsys.readouterr().err
+    return [line for line in err.splitlines() if line.startswith("morer1 synthesize:")], err
+
+
+def test_cli_too_few_rationales_exits_bad_input_with_one_line(tmp_path, monkeypatch, capsys):
+    """Kept share under min_kept_fraction: exit 2 and one line with the split, the kept share and the reasons."""
+    monkeypatch.setenv("MORER1_TEACHER_API_KEY", KEY)
+    logged = _stub_tracking(monkeypatch)
+
+    def poor_teacher(body, key):  # by request: 1 in 4 good, 1 in 4 unparsable, half the wrong label
+        gold, pick = gold_label(body), int(key[:8], 16) % 4
+        return [six_steps(gold), "I think the relation is " + gold, six_steps("/org/org/subsidiary"),
+                six_steps("/org/org/subsidiary")][pick]
+
+    facts = _openai_facts_dir(tmp_path, n=12, distinct=12)
+    with OpenAIServer(answer=poor_teacher) as server:
+        params = _write_params(tmp_path, server.base_url)
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["--params", params, "synthesize", "--facts", str(facts), "--out", str(tmp_path / "sft")])
+    assert exit_.value.code == EXIT_BAD_INPUT
+    lines, err = _error_lines(capsys)
+    assert "Traceback" not in err and len(lines) == 1, err
+    report = json.loads((tmp_path / "sft" / "report.json").read_text())["splits"]["train"]
+    kept, rejected = report["kept"], report["rejected"]
+    assert kept < 6 and set(rejected) == {"answer_not_gold", "unparsable"}
+    top = ", ".join(f"{r} {n}" for r, n in sorted(rejected.items(), key=lambda item: -item[1]))
+    assert lines[0] == (f"morer1 synthesize: error: train: kept {kept} of 12 rationales ({kept / 12:.1%}), below "
+                        f"synthesize.min_kept_fraction=0.5; rejected: {top} (see {tmp_path / 'sft' / 'report.json'})")
+    assert [r["splits"]["train"] for r in logged] == [report]  # the failed stage run still gets the report
+
+
+def test_cli_unreachable_endpoint_fails_fast_with_one_line_naming_the_url(tmp_path, monkeypatch, capsys):
+    _stub_tracking(monkeypatch)
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    params = _write_params(tmp_path, url)
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--params", params, "synthesize", "--facts", str(_openai_facts_dir(tmp_path, n=20)),
+                  "--out", str(tmp_path / "sft")])
+    assert time.monotonic() - start < 10
+    assert exit_.value.code == EXIT_BAD_INPUT
+    lines, err = _error_lines(capsys)
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith(f"morer1 synthesize: error: teacher endpoint {url}/chat/completions is unreachable: "
+                               f"ConnectError on 3 attempts")
+    assert "check synthesize.openai.base_url" in lines[0]
+
+
+def test_synthesis_error_is_a_bad_input_error():
+    assert issubclass(SynthesisError, BadInputError)
+
+
 def test_synthesize_writes_chat_rows_with_images_and_a_report(tmp_path):
     report = synthesize(_facts_dir(tmp_path), tmp_path / "sft", SynthesizeConfig(splits=("train",)))
     rows = [json.loads(line) for line in (tmp_path / "sft" / "train.jsonl").read_text().splitlines()]
@@ -114,7 +272,9 @@ def test_synthesize_writes_chat_rows_with_images_and_a_report(tmp_path):
 
 def test_synthesize_fails_when_the_teacher_gives_too_little(tmp_path):
     teacher = _Scripted([GOOD.replace("none", "/per/loc/place_of_birth"), None, None, "junk"])
-    with pytest.raises(SynthesisError, match=r"train: kept 1 of 4 rationales"):
+    with pytest.raises(SynthesisError, match=r"^train: kept 1 of 4 rationales \(25.0%\), below synthesize."
+                                             r"min_kept_fraction=0\.5; rejected: no_completion 2, unparsable 1 "
+                                             r"\(see .*report.json\)$"):
         synthesize(_facts_dir(tmp_path), tmp_path / "sft", SynthesizeConfig(splits=("train",)), teacher=teacher)
     report = json.loads((tmp_path / "sft" / "report.json").read_text())
     assert report["splits"]["train"]["rejected"] == {"no_completion": 2, "unparsable": 1}

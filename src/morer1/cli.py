@@ -66,12 +66,19 @@ def cmd_validate(args) -> None:
 
 
 def cmd_synthesize(args) -> None:
+    """Too few rationales (SynthesisError) and an unusable teacher endpoint (TeacherError) are BadInputErrors:
+    one line, exit code 2. The report of a run that kept too few is still logged to its (failed) MLflow run."""
     from morer1 import tracking
-    from morer1.synthesize import SynthesizeConfig, log_to_mlflow, synthesize
+    from morer1.synthesize import SynthesisError, SynthesizeConfig, log_to_mlflow, synthesize
 
     cfg = _config(args, "synthesize", SynthesizeConfig)
     with tracking.stage_run("synthesize", cfg):
-        report = synthesize(Path(args.facts), Path(args.out), cfg)
+        try:
+            report = synthesize(Path(args.facts), Path(args.out), cfg)
+        except SynthesisError as exc:
+            if exc.report is not None:
+                log_to_mlflow(exc.report, Path(args.out))
+            raise
         log_to_mlflow(report, Path(args.out))
     print(json.dumps({split: (s["kept"], s["requested"]) for split, s in report["splits"].items()}))
 

@@ -25,8 +25,23 @@ DEFAULT_LEAKAGE = ("gold label", "gold answer", "gold relation", "gold type", "g
                    "for your information", "as instructed", "the answer is given")
 
 
-class SynthesisError(RuntimeError):
-    """Too few rationales survived: the teacher is failing (worth a retry) or the filter is too strict."""
+class SynthesisError(BadInputError):
+    """Too few rationales survived in a split: the teacher failed or the filter is too strict (exit code 2).
+
+    `report` is what was written to `report.json`. A rerun pays only for the requests that got no completion.
+    """
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report
+
+
+def shortfall(split: str, s: dict, min_kept_fraction: float) -> str:
+    """One line on a split that kept too little: its kept share and its top rejection reasons with counts."""
+    top = Counter(s["rejected"]).most_common()
+    reasons = ", ".join(f"{reason} {n}" for reason, n in top[:3]) + (f", {len(top) - 3} more" if len(top) > 3 else "")
+    return (f"{split}: kept {s['kept']} of {s['requested']} rationales ({s['kept'] / s['requested']:.1%}), below "
+            f"synthesize.min_kept_fraction={min_kept_fraction:g}; rejected: {reasons or 'none'}")
 
 
 class SynthesizeConfig(StageConfig):
@@ -124,11 +139,12 @@ def synthesize(facts_dir: str | Path, output: str | Path, cfg: SynthesizeConfig,
                                    "labels": dict(sorted(Counter(r["relation"] for r in kept).items()))}
     report["teacher_stats"] = getattr(teacher, "stats", {})
     (output / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    for split, s in report["splits"].items():
-        if s["requested"] and s["kept"] < cfg.min_kept_fraction * s["requested"]:
-            raise SynthesisError(f"{split}: kept {s['kept']} of {s['requested']} rationales, less than "
-                                 f"synthesize.min_kept_fraction={cfg.min_kept_fraction}; rejected: {s['rejected']} "
-                                 f"(see {output / 'report.json'})")
+    short = [shortfall(split, s, cfg.min_kept_fraction) for split, s in report["splits"].items()
+             if s["requested"] and s["kept"] < cfg.min_kept_fraction * s["requested"]]
+    if short:
+        failures = report["teacher_stats"].get("failures") if isinstance(report["teacher_stats"], dict) else None
+        why = f"; teacher failures: {', '.join(f'{r} {n}' for r, n in failures.items())}" if failures else ""
+        raise SynthesisError(f"{'; '.join(short)}{why} (see {output / 'report.json'})", report)
     return report
 
 
