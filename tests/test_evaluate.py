@@ -1,4 +1,4 @@
-"""The evaluate stage picks the model on dev only and scores only that one on test."""
+"""The evaluate stage picks the model on dev only; every candidate is reported on test beside it."""
 
 import json
 
@@ -12,7 +12,7 @@ def _fact(split, i, relation):
             "text": "t", "tokens": ["t"], "entity": {"name": "t", "start": 0, "end": 1}}
 
 
-def test_model_is_chosen_on_dev_and_only_it_is_scored_on_test(tmp_path, monkeypatch):
+def test_model_is_chosen_on_dev_and_every_candidate_is_reported_on_test(tmp_path, monkeypatch):
     facts = tmp_path / "facts"
     facts.mkdir()
     rels = ["none", "/per/per/partner", "/org/loc/locate_at", "none"]
@@ -33,9 +33,12 @@ def test_model_is_chosen_on_dev_and_only_it_is_scored_on_test(tmp_path, monkeypa
     monkeypatch.setattr(morer1.report, "write_report", lambda *a, **k: tmp_path / "r.html")
     summary = ev.evaluate(facts, tmp_path / "out", ev.EvaluateConfig(models=("bad", "good")))
     assert summary["selection"]["chosen"] == "good"
-    assert calls == [("bad", "dev"), ("good", "dev"), ("good", "test")]
+    assert calls == [("bad", "dev"), ("good", "dev"), ("bad", "test"), ("good", "test")]
     assert summary["results"]["dev"]["f1"] == 1.0 and summary["results"]["test"]["f1"] == 0.0
+    assert summary["selection"]["test"] == {"bad": 1.0, "good": 0.0}  # bad is better on test, still not chosen
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["candidates"]["good"]["dev_f1"] == 1.0 and metrics["candidates"]["good"]["test_f1"] == 0.0
+    assert metrics["candidates"]["bad"]["test_f1"] == 1.0 and metrics["candidates"]["bad"]["dev_invalid_rate"] == 1.0
     assert metrics["dev"]["f1"] == 1.0 and metrics["test"]["invalid_rate"] == 1.0
     assert "baseline_majority_f1" in metrics["test"]
     assert (tmp_path / "out" / "test_confusion.csv").read_text().startswith("actual,predicted")

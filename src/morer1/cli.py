@@ -179,6 +179,8 @@ def cmd_evaluate(args) -> None:
         log_to_mlflow(summary, Path(args.out))
     dev, test = summary["results"]["dev"], summary["results"]["test"]
     base = test["baselines"]["majority"]
+    for model, dev_value in summary["selection"]["dev"].items():
+        print(f"{model}: dev F1 {dev_value:.4f}, test F1 {summary['selection']['test'][model]:.4f}")
     print(f"chosen on dev: {summary['selection']['chosen']}; dev F1 {dev['f1']:.4f}; test F1 {test['f1']:.4f}, "
           f"accuracy {test['accuracy']:.4f} (majority baseline: F1 {base['f1']:.4f}, accuracy {base['accuracy']:.4f})")
 

@@ -120,6 +120,7 @@ def estimate_difficulty(
     """
     from morer1 import generation
     from morer1.modeling import load_model_and_processor
+    from morer1.prompt import model_prompt
 
     facts_dir = Path(facts_dir)
     path = facts_dir / f"{split}.jsonl"
@@ -133,6 +134,7 @@ def estimate_difficulty(
         model, processor, facts, facts_dir, labels,
         num_return_sequences=cfg.rollouts, do_sample=True, temperature=cfg.temperature,
         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
+        prompt=model_prompt(model_dir),
     )
     return score_rollouts(facts, completions, labels)
 

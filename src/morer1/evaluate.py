@@ -1,7 +1,8 @@
 """Evaluate stage: batched generation on dev and test, MORE metrics, baselines, the error-analysis report.
 
 Each candidate model (e.g. the SFT and the GRPO checkpoints) is scored on dev; the best on the dev metric
-is chosen and only that one is scored on test. Test never chooses anything.
+is chosen. Every candidate is also scored on test, reported side by side in `metrics.json` (`candidates`)
+so that what each stage bought is visible; test never chooses anything.
 """
 
 from __future__ import annotations
@@ -42,11 +43,12 @@ def predict_facts(model_dir: str | Path, facts: list[dict], facts_dir: Path, lab
     from morer1.generation import generate_completions
     from morer1.modeling import load_model_and_processor
     from morer1.parsing import parse_completion
+    from morer1.prompt import model_prompt
 
     model, processor = load_model_and_processor(model_dir)
     model.eval()
     completions = generate_completions(model, processor, facts, facts_dir, labels, max_new_tokens=cfg.max_new_tokens,
-                                       batch_size=cfg.batch_size)
+                                       batch_size=cfg.batch_size, prompt=model_prompt(model_dir))
     return [{**f, "completion": c[0], "predicted": parse_completion(c[0], labels).label}
             for f, c in zip(facts, completions, strict=True)]
 
@@ -70,6 +72,18 @@ def write_predictions(rows: list[dict], path: Path) -> None:
             f.write(json.dumps({k: r[k] for k in keep}, ensure_ascii=False) + "\n")
 
 
+CANDIDATE_KEYS = ("f1", "precision", "recall", "accuracy", "invalid_rate")
+
+
+def add_candidates(metrics_path: Path, results: dict) -> None:
+    """Add `candidates.<model folder name>.<split>_<metric>` to metrics.json: each stage's model side by side."""
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    metrics["candidates"] = {Path(model).name: {f"{split}_{k}": r[k] for split, r in splits.items()
+                                                for k in CANDIDATE_KEYS}
+                             for model, splits in results.items()}
+    metrics_path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def evaluate(facts_dir: str | Path, out_dir: str | Path, cfg: EvaluateConfig) -> dict:
     """Score the candidates on dev, the chosen one on test; write metrics, plots, predictions and the report."""
     from morer1.labels import read_labels
@@ -88,14 +102,20 @@ def evaluate(facts_dir: str | Path, out_dir: str | Path, cfg: EvaluateConfig) ->
         dev_rows[model] = predict_facts(model, dev, facts_dir, labels, cfg)
         candidates[model] = score(dev_rows[model], labels, train_golds, cfg.seed)
     chosen = max(reversed(cfg.models), key=lambda m: candidates[m][cfg.selection_metric])
-    test_rows = predict_facts(chosen, test, facts_dir, labels, cfg)
-    results = {"dev": candidates[chosen], "test": score(test_rows, labels, train_golds, cfg.seed)}
+    # Every candidate is scored on test too, so each stage's gain is visible; the choice above used dev only.
+    test_rows, tested = {}, {}
+    for model in cfg.models:
+        test_rows[model] = predict_facts(model, test, facts_dir, labels, cfg)
+        tested[model] = score(test_rows[model], labels, train_golds, cfg.seed)
+    results = {"dev": candidates[chosen], "test": tested[chosen]}
 
     write_metrics_files(results, out_dir)
+    add_candidates(out_dir / "metrics.json", {m: {"dev": candidates[m], "test": tested[m]} for m in cfg.models})
     write_predictions(dev_rows[chosen], out_dir / "predictions_dev.jsonl")
-    write_predictions(test_rows, out_dir / "predictions_test.jsonl")
+    write_predictions(test_rows[chosen], out_dir / "predictions_test.jsonl")
     selection = {"chosen": chosen, "selection_metric": cfg.selection_metric,
-                 "dev": {m: candidates[m][cfg.selection_metric] for m in cfg.models}}
+                 "dev": {m: candidates[m][cfg.selection_metric] for m in cfg.models},
+                 "test": {m: tested[m][cfg.selection_metric] for m in cfg.models}}
     (out_dir / "selection.json").write_text(json.dumps(selection, indent=1) + "\n")
     write_report(dev_rows[chosen], facts_dir, out_dir / "report", title=f"morer1 error analysis: {chosen} on dev",
                  metrics=candidates[chosen], max_samples=cfg.report_max_samples)
@@ -111,8 +131,9 @@ def log_to_mlflow(summary: dict, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     for split, result in summary["results"].items():
         mlflow.log_metrics({f"{split}_{k}": v for k, v in flat_metrics(result).items()})
-    for model, value in summary["selection"]["dev"].items():
-        mlflow.log_metric(f"candidate_dev_{summary['selection']['selection_metric']}_{Path(model).name}", value)
+    for split in ("dev", "test"):
+        for model, value in summary["selection"][split].items():
+            mlflow.log_metric(f"candidate_{split}_{summary['selection']['selection_metric']}_{Path(model).name}", value)
     mlflow.set_tag("morer1.chosen_model", summary["selection"]["chosen"])
     for name in ("metrics.json", "selection.json", "dev_per_relation.csv", "test_per_relation.csv",
                  "dev_confusion.csv", "test_confusion.csv", "predictions_dev.jsonl", "predictions_test.jsonl"):

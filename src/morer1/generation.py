@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from morer1.prompt import fact_images, prompt_messages
+from morer1.prompt import DEFAULT_PROMPT, fact_images, prompt_messages
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, ProcessorMixin
@@ -39,9 +39,10 @@ def load_rgb(path: str | Path):
         return image.convert("RGB")
 
 
-def render_prompt(processor: ProcessorMixin, fact: dict, labels: Sequence[str]) -> str:
-    """The chat-template text of a fact's prompt, ending with the assistant header."""
-    return processor.apply_chat_template(prompt_messages(fact, labels), tokenize=False, add_generation_prompt=True)
+def render_prompt(processor: ProcessorMixin, fact: dict, labels: Sequence[str], prompt: str = DEFAULT_PROMPT) -> str:
+    """The chat-template text of a fact's prompt (template `prompt`), ending with the assistant header."""
+    return processor.apply_chat_template(prompt_messages(fact, labels, prompt), tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def generation_config(
@@ -90,6 +91,25 @@ def generate_completions(
     facts_dir: str | Path,
     labels: Sequence[str],
     *,
+    prompt: str = DEFAULT_PROMPT,
+    **decoding,
+) -> list[list[str]]:
+    """Completions of `model` for each ingested fact: one list of `num_return_sequences` strings per fact, in order.
+
+    The prompt of a fact is `prompt_messages(fact, labels, prompt)` with its photo and crop (`fact_images`,
+    relative to `facts_dir`); `prompt` names the template, which must be the one the model was trained with
+    (`morer1.prompt.model_prompt`). `decoding` as in `generate_from_messages`.
+    """
+    return generate_from_messages(model, processor, [prompt_messages(f, labels, prompt) for f in facts],
+                                  [fact_images(f, facts_dir) for f in facts], **decoding)
+
+
+def generate_from_messages(
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    conversations: list[list[dict]],
+    image_paths: list[Sequence[str | Path]],
+    *,
     num_return_sequences: int = 1,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -100,39 +120,41 @@ def generate_completions(
     top_k: int = 0,
     progress: bool = True,
 ) -> list[list[str]]:
-    """Completions of `model` for each fact: one list of `num_return_sequences` strings per fact, in fact order.
+    """Completions of `model` for prompt turns with their image files, in order.
 
     Greedy by default (`num_return_sequences` must then be 1). With `do_sample=True`, plain temperature
     sampling (`top_k=0` and `top_p=1.0` disable the truncations) seeded per batch with `seed + batch index`,
-    so a rerun with the same facts, `batch_size` and seed gives the same strings (on the same hardware);
-    changing `batch_size` changes which random numbers each fact gets. The caller's global RNG state is left
+    so a rerun with the same prompts, `batch_size` and seed gives the same strings (on the same hardware);
+    changing `batch_size` changes which random numbers each prompt gets. The caller's global RNG state is left
     untouched. Greedy output does not depend on the batch (left padding, checked in the tests on CPU float32;
     bf16 kernels on GPU can differ in the last bits).
 
-    `batch_size` counts facts; one forward pass holds `batch_size * num_return_sequences` sequences.
-    Prompt images: the photo and the crop of each fact (`fact_images`), relative to `facts_dir`.
+    `batch_size` counts prompts; one forward pass holds `batch_size * num_return_sequences` sequences.
+    Returns one list of `num_return_sequences` strings per prompt.
     """
     import torch
 
+    if len(conversations) != len(image_paths):
+        raise ValueError(f"{len(conversations)} conversations but {len(image_paths)} image lists")
     if num_return_sequences < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError("num_return_sequences, batch_size and max_new_tokens must be >= 1")
     if not do_sample and num_return_sequences > 1:
         raise ValueError("greedy decoding gives one completion per prompt; set do_sample=True for several")
     if do_sample and temperature <= 0:
         raise ValueError("temperature must be > 0 when sampling")
-    if not facts:
+    if not conversations:
         return []
 
     gen_config = generation_config(
         model, processor, num_return_sequences=num_return_sequences, do_sample=do_sample,
         temperature=temperature, max_new_tokens=max_new_tokens, top_p=top_p, top_k=top_k,
     )
-    batches = [facts[i:i + batch_size] for i in range(0, len(facts), batch_size)]
+    starts = range(0, len(conversations), batch_size)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(facts), desc="generate", unit="fact", leave=False)
+        bar = tqdm(total=len(conversations), desc="generate", unit="prompt", leave=False)
 
     device = model.device
     # torch.manual_seed seeds every CUDA device; fork them all so the caller's RNG state comes back intact
@@ -142,9 +164,10 @@ def generate_completions(
     model.eval()
     out: list[list[str]] = []
     try:
-        for index, batch in enumerate(batches):
-            texts = [render_prompt(processor, fact, labels) for fact in batch]
-            images = [[load_rgb(p) for p in fact_images(fact, facts_dir)] for fact in batch]
+        for index, start in enumerate(starts):
+            turns = conversations[start:start + batch_size]
+            texts = [processor.apply_chat_template(t, tokenize=False, add_generation_prompt=True) for t in turns]
+            images = [[load_rgb(p) for p in paths] for paths in image_paths[start:start + batch_size]]
             inputs = processor(
                 text=texts, images=images, padding=True, padding_side="left", return_tensors="pt"
             ).to(device)
@@ -154,10 +177,10 @@ def generate_completions(
                 sequences = model.generate(**inputs, generation_config=gen_config)
             decoded = processor.batch_decode(sequences[:, prompt_len:], skip_special_tokens=True)
             # generate() repeats each prompt num_return_sequences times in a row (repeat_interleave).
-            for i in range(len(batch)):
+            for i in range(len(turns)):
                 out.append(decoded[i * num_return_sequences:(i + 1) * num_return_sequences])
             if bar is not None:
-                bar.update(len(batch))
+                bar.update(len(turns))
     finally:
         if bar is not None:
             bar.close()

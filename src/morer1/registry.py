@@ -85,8 +85,10 @@ class MorePredictor(mlflow.pyfunc.PythonModel):
     def load(self, model_dir: str | Path, labels: list[str], model_config: dict) -> None:
         """Load the model folder; `model_config` may set `max_new_tokens` and `batch_size`."""
         from morer1.modeling import load_model_and_processor
+        from morer1.prompt import model_prompt
 
         self.model, self.processor = load_model_and_processor(model_dir)
+        self.prompt = model_prompt(model_dir)
         self.labels = tuple(labels)
         self.max_new_tokens = int(model_config.get("max_new_tokens", RegisterConfig().max_new_tokens))
         self.batch_size = int(model_config.get("batch_size", RegisterConfig().batch_size))
@@ -101,7 +103,7 @@ class MorePredictor(mlflow.pyfunc.PythonModel):
             facts = [write_fact(i, row, Path(folder)) for i, row in enumerate(rows)]
             completions = [c[0] for c in generate_completions(
                 self.model, self.processor, facts, folder, self.labels, max_new_tokens=self.max_new_tokens,
-                batch_size=self.batch_size, progress=False)]
+                batch_size=self.batch_size, progress=False, prompt=self.prompt)]
         parsed = [parse_completion(c, self.labels) for c in completions]
         return pd.DataFrame({
             "label": pd.Series([p.label for p in parsed], dtype=object),

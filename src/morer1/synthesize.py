@@ -16,9 +16,9 @@ from morer1.files import read_jsonl
 from morer1.labels import NONE, read_labels
 from morer1.params import StageConfig
 from morer1.parsing import parse_completion
-from morer1.prompt import fact_images, prompt_messages
+from morer1.prompt import PromptName, fact_images, prompt_messages, write_prompt_name
 from morer1.teacher_openai import OpenAITeacherConfig
-from morer1.teachers import TeacherRequest, TemplateTeacher
+from morer1.teachers import DemoTeacher, TeacherRequest, TemplateTeacher
 
 DEFAULT_LEAKAGE = ("gold label", "gold answer", "gold relation", "gold type", "given answer", "given label",
                    "correct answer is", "correct label is", "i was told", "i am told", "provided label",
@@ -47,8 +47,13 @@ def shortfall(split: str, s: dict, min_kept_fraction: float) -> str:
 class SynthesizeConfig(StageConfig):
     """Parameters of the synthesize stage."""
 
-    teacher: Literal["template", "openai"] = Field(
-        "template", description="Who writes rationales: `template` (from annotations, no endpoint) or `openai`.")
+    teacher: Literal["template", "demo", "openai"] = Field(
+        "template", description="Who writes rationales: `template` (from annotations, no endpoint), `demo` (derived "
+        "from the demo dataset's rule, demo data only) or `openai` (any OpenAI-compatible endpoint).")
+    prompt: PromptName = Field(
+        "full", description="Prompt template the SFT set (and so the trained model) uses: `full` (the MORE-R1 "
+        "prompt, for real models) or `compact` (title and entity only, for a tiny model trained from scratch). "
+        "The teacher always sees the full prompt.")
     splits: tuple[str, ...] = Field(("train", "dev"), description="Ingested splits to synthesize for.")
     max_facts: int | None = Field(None, ge=1, description="At most this many facts per split after balancing (None: all).")
     none_fraction: float | None = Field(
@@ -96,14 +101,18 @@ def rejection_reason(completion: str | None, gold: str, labels, leakage: tuple[s
 def make_teacher(cfg: SynthesizeConfig):
     if cfg.teacher == "template":
         return TemplateTeacher()
+    if cfg.teacher == "demo":
+        return DemoTeacher()
     from morer1.teacher_openai import OpenAITeacher
 
     return OpenAITeacher(cfg.openai)
 
 
-def sft_example(request: TeacherRequest, completion: str) -> dict:
-    """One SFT row: the prompt turns plus the assistant's rationale, the two image paths, the gold."""
-    messages = request.messages + [{"role": "assistant", "content": [{"type": "text", "text": completion}]}]
+def sft_example(request: TeacherRequest, completion: str, prompt: str) -> dict:
+    """One SFT row: the student's prompt turns (template `prompt`) plus the teacher's rationale, the two image
+    paths, the gold."""
+    messages = prompt_messages(request.fact, request.labels, prompt) + [
+        {"role": "assistant", "content": [{"type": "text", "text": completion}]}]
     return {"id": request.fact["id"], "messages": messages, "images": list(request.images),
             "relation": request.fact["relation"]}
 
@@ -114,7 +123,8 @@ def synthesize(facts_dir: str | Path, output: str | Path, cfg: SynthesizeConfig,
     labels = read_labels(facts_dir / "labels.json")
     teacher = teacher or make_teacher(cfg)
     output.mkdir(parents=True, exist_ok=True)
-    report: dict = {"teacher": cfg.teacher, "splits": {}}
+    report: dict = {"teacher": cfg.teacher, "prompt": cfg.prompt, "splits": {}}
+    write_prompt_name(output, cfg.prompt)
     for split in cfg.splits:
         path = facts_dir / f"{split}.jsonl"
         if not path.exists():
@@ -129,7 +139,7 @@ def synthesize(facts_dir: str | Path, output: str | Path, cfg: SynthesizeConfig,
             if reason:
                 reasons[reason] += 1
             else:
-                kept.append(sft_example(request, completion))
+                kept.append(sft_example(request, completion, cfg.prompt))
         tmp = output / f"{split}.jsonl.tmp"
         with tmp.open("w", encoding="utf-8") as f:
             for row in kept:

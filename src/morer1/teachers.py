@@ -1,11 +1,13 @@
 """Teachers that write six-step rationales for the SFT set, behind one interface.
 
-`template` writes them deterministically from the annotations (no endpoint); `openai` asks any
-OpenAI-compatible chat endpoint (`morer1.teacher_openai`).
+`template` writes them deterministically from the annotations of any MORE-layout data (no endpoint);
+`demo` derives them from the demo dataset's rule (docs/demo_data.md), step by step from the evidence;
+`openai` asks any OpenAI-compatible chat endpoint (`morer1.teacher_openai`).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -65,3 +67,58 @@ class TemplateTeacher:
 
     def generate(self, requests: list[TeacherRequest]) -> list[str | None]:
         return [template_rationale(r.fact, r.labels) for r in requests]
+
+
+def demo_rationale(fact: dict) -> str | None:
+    """Six short steps that derive a demo fact's label from its evidence, in the order the rule needs it.
+
+    1. the crop: colour and shape, hence the object type; 2. the entity and its type; 3. the two title words
+    just before the entity; 4. whether that colour word is the crop's colour; 5. the relation the cue word
+    names and whether its type pair is the pair of steps 1 and 2; 6. the label those steps give. Every
+    statement is read from the inputs (the caption is what the crop shows, the tokens are the title), and
+    step 6 follows from steps 4 and 5 alone. None when the fact is not from the demo generator (its caption
+    or entity is not in the demo's vocabulary): this teacher only knows the demo's rule.
+    """
+    from morer1.demo_data import CUE_WORDS, ENTITY_NAMES, PALETTE, SHAPES
+
+    shape_type = {shape: kind for kind, shape in SHAPES.items()}
+    entity_type = {name: kind for kind, names in ENTITY_NAMES.items() for name in names}
+    cue_relation = {cue: relation for relation, cue in CUE_WORDS.items()}
+    caption = re.fullmatch(r"an? (\w+) (\w+)", fact["object"].get("caption") or "")
+    ent = fact["entity"]["name"]
+    if not caption or caption[1] not in PALETTE or caption[2] not in shape_type or ent not in entity_type:
+        return None
+    color, shape = caption[1], caption[2]
+    o_type, e_type = shape_type[shape], entity_type[ent]
+    before = fact["tokens"][max(0, fact["entity"]["start"] - 2):fact["entity"]["start"]]
+    steps = [f"Step 1: The crop shows a {color} {shape}, so the object is {o_type}.",
+             f"Step 2: The entity {ent} is {e_type}."]
+    steps.append(f"Step 3: In the title, {ent} follows {' '.join(before)}." if before
+                 else f"Step 3: In the title, {ent} comes first.")
+    linked = len(before) == 2 and before[0] in PALETTE and before[1] in cue_relation
+    if not linked:
+        steps += [f"Step 4: No colour and cue come before {ent}, so nothing links it to the crop.",
+                  "Step 5: No cue, so no relation.",
+                  "Step 6: No link, so the relation is none."]
+        label = NONE
+    else:
+        word, cue = before
+        relation = cue_relation[cue]
+        r_obj, r_ent = type_pair(relation)
+        match, fits = word == color, (r_obj, r_ent) == (o_type, e_type)
+        steps.append(f"Step 4: The title says {word} and the crop is {color}: "
+                     + ("they match." if match else "they differ."))
+        steps.append(f"Step 5: {cue} names {relation}, for {r_obj}/{r_ent}; the pair is {o_type}/{e_type}: "
+                     + ("it fits." if fits else "it does not fit."))
+        label = relation if match and fits else NONE
+        why = ("colour and pair agree" if match and fits else "the colours differ" if not match
+               else "the pair does not fit")
+        steps.append(f"Step 6: {why[0].upper() + why[1:]}, so the relation is {label}.")
+    return "<think>" + "\n".join(steps) + "</think>\n<answer>" + label + "</answer>"
+
+
+class DemoTeacher:
+    """Derives each rationale from the demo rule's evidence (`demo_rationale`); None for facts it cannot read."""
+
+    def generate(self, requests: list[TeacherRequest]) -> list[str | None]:
+        return [demo_rationale(r.fact) for r in requests]
