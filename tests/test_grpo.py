@@ -1,7 +1,9 @@
-"""A tiny GRPO run with the real reward functions on a curriculum stream: parameters change, order kept, resume."""
+"""A tiny GRPO run with the real reward functions on a curriculum stream: parameters change, order kept, resume
+(with the checkpoint's weights, continuing the uninterrupted run)."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ from morer1.curriculum import (
 )
 from morer1.grpo import GRPOConfig, train_grpo
 from morer1.labels import DEFAULT_LABELS
-from morer1.sft import SFTConfig, train_sft
+from morer1.sft import LoraSettings, SFTConfig, train_sft
 from morer1.synthesize import SynthesizeConfig, synthesize
 from morer1.tiny_model import TinyModelConfig, build_tiny_model, sft_corpus
 
@@ -77,3 +79,43 @@ def test_grpo_resumes_at_the_same_data_position(sft_model):
     assert resumed["resumed_from"] and resumed["steps"] == full["steps"]
     done = int(resumed["resumed_from"].rsplit("-", 1)[1])
     assert resumed["trained_ids"] == full["trained_ids"][done:]
+
+
+def _history(checkpoint) -> dict[int, dict]:
+    """Logged metrics per step, from a checkpoint's trainer state (a resumed run's includes the steps before the kill)."""
+    history = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["log_history"]
+    return {e["step"]: e for e in history if "loss" in e}
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_grpo_run_killed_after_a_checkpoint_resumes_its_weights_and_continues_the_uninterrupted_run(
+        sft_model, kill_after_checkpoint, weights_at_resume, checkpoint_state, lora):
+    root, name = sft_model, "lora" if lora else "full"
+
+    def run(attempt):
+        cfg = _cfg(root, checkpoint_dir=str(root / f"ckpt-{name}-{attempt}"), save_steps=4,
+                   lora=LoraSettings(enabled=lora, r=4, alpha=8))
+        return train_grpo(root / "facts", root / "stream", root / f"out-{name}-{attempt}", cfg)
+
+    whole = run("whole")
+    with kill_after_checkpoint(4):
+        run("killed")
+    resumed = run("killed")
+    assert resumed["resumed_from"].endswith("checkpoint-4") and resumed["steps"] == whole["steps"] == 8
+    assert resumed["trained_ids"] == whole["trained_ids"][4:]
+
+    [(checkpoint, start)] = weights_at_resume  # the weights the resumed training starts from
+    assert checkpoint.name == "checkpoint-4"
+    reference = checkpoint_state(checkpoint, root / "sftmodel")
+    assert start.keys() == reference.keys() and all(torch.equal(start[k], reference[k]) for k in start)
+
+    before = _history(root / f"ckpt-{name}-whole/grpo/checkpoint-8")
+    after = _history(root / f"ckpt-{name}-killed/grpo/checkpoint-8")
+    assert sorted(after) == sorted(before) == list(range(1, 9))
+    for metric in ("loss", "reward", "kl"):  # same sampled completions, same rewards, same policy
+        assert [after[s][metric] for s in range(5, 9)] == pytest.approx([before[s][metric] for s in range(5, 9)],
+                                                                       rel=1e-5, abs=1e-7)
+    a, b = load_file(root / f"out-{name}-whole/model.safetensors"), load_file(root / f"out-{name}-killed/model.safetensors")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    base = load_file(root / "sftmodel" / "model.safetensors")
+    assert any(not torch.equal(a[k], base[k]) for k in a)  # the run trained: the comparison is not vacuous

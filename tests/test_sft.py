@@ -1,7 +1,9 @@
-"""A tiny SFT run on template rationales: parameters change, loss falls, a rerun resumes from a checkpoint."""
+"""A tiny SFT run on template rationales: parameters change, loss falls, a rerun resumes from a checkpoint with its
+weights and continues the uninterrupted run."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from safetensors.torch import load_file
 from tiny_facts import write_facts
 
 from morer1.files import read_jsonl
-from morer1.sft import SFTConfig, drop_overlong, train_sft
+from morer1.sft import LoraSettings, SFTConfig, drop_overlong, train_sft
 from morer1.synthesize import SynthesizeConfig, synthesize
 from morer1.tiny_model import TinyModelConfig, build_tiny_model, sft_corpus
 
@@ -48,6 +50,42 @@ def test_a_rerun_resumes_from_the_last_checkpoint(setup):
     assert summary["resumed_from"].endswith("checkpoint-3") and summary["steps"] == 6
     other = train_sft(setup / "sft", setup / "out3", _cfg(setup, checkpoint_dir=cfg.checkpoint_dir, learning_rate=1e-3))
     assert other["resumed_from"] is None  # another job never resumes from these checkpoints
+
+
+def _losses(checkpoint) -> dict[int, float]:
+    """Logged loss per step, from a checkpoint's trainer state (a resumed run's includes the steps before the kill)."""
+    history = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["log_history"]
+    return {e["step"]: e["loss"] for e in history if "loss" in e}
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_run_killed_after_a_checkpoint_resumes_its_weights_and_continues_the_uninterrupted_run(
+        setup, kill_after_checkpoint, weights_at_resume, checkpoint_state, lora):
+    name = "lora" if lora else "full"
+
+    def run(attempt):
+        cfg = _cfg(setup, checkpoint_dir=str(setup / f"ckpt-{name}-{attempt}"), lora=LoraSettings(enabled=lora, r=4, alpha=8))
+        return train_sft(setup / "sft", setup / f"out-{name}-{attempt}", cfg)
+
+    whole = run("whole")
+    with kill_after_checkpoint(3):
+        run("killed")
+    resumed = run("killed")
+    assert resumed["resumed_from"].endswith("checkpoint-3") and resumed["steps"] == whole["steps"] == 6
+
+    [(checkpoint, start)] = weights_at_resume  # the weights the resumed training starts from
+    assert checkpoint.name == "checkpoint-3"
+    reference = checkpoint_state(checkpoint, setup / "tiny")
+    assert start.keys() == reference.keys() and all(torch.equal(start[k], reference[k]) for k in start)
+    base = checkpoint_state(setup / "tiny", setup / "tiny") if not lora else None
+    trained = [k for k in start if ("lora_B" in k if lora else not torch.equal(start[k], base[k]))]
+    assert trained and all(start[k].abs().sum() > 0 for k in trained)  # the checkpoint is not the initial model
+
+    before, after = _losses(setup / f"ckpt-{name}-whole/sft/checkpoint-6"), _losses(setup / f"ckpt-{name}-killed/sft/checkpoint-6")
+    assert sorted(after) == sorted(before) == [1, 2, 3, 4, 5, 6]
+    assert [after[s] for s in (4, 5, 6)] == pytest.approx([before[s] for s in (4, 5, 6)], rel=1e-5)
+    a, b = load_file(setup / f"out-{name}-whole/model.safetensors"), load_file(setup / f"out-{name}-killed/model.safetensors")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
 def test_a_rewritten_base_model_starts_a_new_job(setup):

@@ -15,6 +15,7 @@ from pydantic import Field
 from morer1.files import read_jsonl
 from morer1.rewards import RewardsConfig
 from morer1.sft import (
+    StrictResumeMixin,
     TrainingSettings,
     apply_lora,
     checkpoint_folder,
@@ -56,10 +57,11 @@ def rl_dataset(stream: list[dict], facts_dir: Path, labels: tuple[str, ...]):
 
 
 def make_trainer_class():
-    """GRPOTrainer that records the curriculum position of each step and logs completion tables to MLflow."""
+    """GRPOTrainer that records the curriculum position of each step, logs completion tables to MLflow, and resumes
+    the checkpoint's weights for real (StrictResumeMixin)."""
     from trl import GRPOTrainer
 
-    class CurriculumGRPOTrainer(GRPOTrainer):
+    class CurriculumGRPOTrainer(StrictResumeMixin, GRPOTrainer):
         completions_log_every = 10
 
         def _generate_and_score_completions(self, inputs):
@@ -130,7 +132,7 @@ def train_grpo(facts_dir: str | Path, stream_dir: str | Path, output: str | Path
     )
     trainer_class = make_trainer_class()
     trainer_class.completions_log_every = cfg.completions_log_every
-    trainer = trainer_class(model=apply_lora(model, cfg.lora), reward_funcs=reward_funcs, args=args,
+    trainer = trainer_class(model=apply_lora(model, cfg.lora, cfg.seed), reward_funcs=reward_funcs, args=args,
                             train_dataset=dataset, processing_class=processor)
     trainer.seen_ids = []
     params_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}

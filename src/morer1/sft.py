@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 
 from pydantic import Field
 
+from morer1.errors import BadInputError
 from morer1.files import read_jsonl
 from morer1.params import StageConfig
+
+logger = logging.getLogger(__name__)
 
 
 class LoraSettings(StageConfig):
@@ -129,12 +134,149 @@ def checkpoint_folder(root: str | Path, stage: str, job: str) -> tuple[Path, str
     return folder, get_last_checkpoint(str(folder))
 
 
-def apply_lora(model, lora: LoraSettings):
-    """Wrap the model with LoRA adapters when enabled."""
+class CheckpointMismatchError(BadInputError):
+    """A checkpoint's weights do not fit the model being trained: resuming from it would train other weights."""
+
+
+def _mismatch_error(checkpoint: Path, what: str, **problems: list[str]) -> CheckpointMismatchError:
+    found = "; ".join(f"{len(keys)} {kind.replace('_', ' ')} (e.g. {', '.join(sorted(keys)[:3])})"
+                      for kind, keys in problems.items() if keys)
+    return CheckpointMismatchError(
+        f"{checkpoint}: its {what} do not match the model being trained: {found}. Resuming would train other "
+        f"weights than the checkpoint's; delete {checkpoint.parent} to start this job over")
+
+
+def _weight_files(checkpoint: Path) -> list[Path]:
+    """The safetensors file(s) of a full-model checkpoint: one file, or the shards its index names."""
+    if (checkpoint / "model.safetensors").is_file():
+        return [checkpoint / "model.safetensors"]
+    index = checkpoint / "model.safetensors.index.json"
+    if index.is_file():
+        return [checkpoint / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return []
+
+
+def _load_full_weights(model, checkpoint: Path) -> int:
+    """Load a save_pretrained checkpoint into `model` through the model's own key mapping (the one from_pretrained
+    applies), strictly: every weight of the model comes from the checkpoint, with its shape, and nothing is left over."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    files = _weight_files(checkpoint)
+    if not files:
+        raise CheckpointMismatchError(f"{checkpoint}: no model.safetensors (or index) to resume the weights from; "
+                                      f"delete {checkpoint.parent} to start this job over")
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    expected = model.state_dict()
+    target_of: dict[str, str] = {}  # checkpoint key -> model key
+    unexpected, mismatched, not_renamable = [], [], []
+    for file in files:
+        with safe_open(str(file), framework="pt") as weights:
+            for key in weights.keys():
+                target, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
+                if target not in expected and key in expected:
+                    target, converter = key, None
+                shape = tuple(weights.get_slice(key).get_shape())
+                if converter is not None:
+                    not_renamable.append(key)
+                elif target not in expected or target in target_of.values():
+                    unexpected.append(key)
+                elif shape != tuple(expected[target].shape):
+                    mismatched.append(f"{target} {shape} vs {tuple(expected[target].shape)}")
+                else:
+                    target_of[key] = target
+    loaded = set(target_of.values())
+    tied = getattr(model, "all_tied_weights_keys", None) or {}  # e.g. lm_head.weight -> embed_tokens.weight
+    missing = [k for k in expected if k not in loaded and not (k in tied and tied[k] in loaded)]
+    if missing or unexpected or mismatched or not_renamable:
+        raise _mismatch_error(checkpoint, "weights", missing_weights=missing, unexpected_weights=unexpected,
+                              shape_mismatches=mismatched, weights_needing_a_conversion=not_renamable)
+    for file in files:
+        part = {target_of[k]: v for k, v in load_file(str(file)).items()}
+        result = model.load_state_dict(part, strict=False)
+        if result.unexpected_keys:
+            raise _mismatch_error(checkpoint, "weights", unexpected_weights=result.unexpected_keys)
+    return len(target_of)
+
+
+def _load_adapter_weights(model, checkpoint: Path) -> int:
+    """Load the LoRA adapters of a checkpoint into the peft `model` (peft maps the keys), strictly: every weight of
+    every adapter comes from the checkpoint and nothing is left over. The active adapter is saved at the top of the
+    checkpoint, others in a subfolder named after them (e.g. the frozen `ref` copy TRL's GRPO adds as reference)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    own_keys = model.state_dict().keys()
+    loaded = 0
+    for adapter in model.peft_config:
+        folder = checkpoint if adapter == model.active_adapter else checkpoint / adapter
+        if not (folder / "adapter_model.safetensors").is_file():
+            raise CheckpointMismatchError(
+                f"{checkpoint}: no {'' if folder == checkpoint else adapter + '/'}adapter_model.safetensors to resume the "
+                f"LoRA weights of adapter '{adapter}' from (was it written without LoRA?); delete {checkpoint.parent} "
+                "to start this job over")
+        saved = load_file(str(folder / "adapter_model.safetensors"))
+        try:
+            result = set_peft_model_state_dict(model, saved, adapter_name=adapter)
+        except RuntimeError as exc:  # torch refuses shape mismatches even when not strict
+            mismatched = [f"{key} {tuple(map(int, saved_shape.split(',')))} vs {tuple(map(int, shape.split(',')))}"
+                          for key, saved_shape, shape in re.findall(
+                              r"size mismatch for (\S+): copying a param with shape torch.Size\(\[([\d, ]+)\]\) from "
+                              r"checkpoint, the shape in current model is torch.Size\(\[([\d, ]+)\]\)", str(exc))]
+            raise _mismatch_error(checkpoint, f"LoRA weights of adapter '{adapter}'",
+                                  shape_mismatches=mismatched or [str(exc).splitlines()[0]]) from exc
+        missing = sorted(k for k in result.missing_keys if f".{adapter}." in k and k in own_keys)
+        if missing or result.unexpected_keys:
+            raise _mismatch_error(checkpoint, f"LoRA weights of adapter '{adapter}'", missing_weights=missing,
+                                  unexpected_weights=list(result.unexpected_keys))
+        loaded += len(saved)
+    return loaded
+
+
+def load_checkpoint_weights(model, checkpoint: str | Path) -> int:
+    """Load the weights of a Trainer checkpoint folder into `model` (a transformers model, or a peft LoRA model) for
+    real; return how many tensors were loaded. Raises CheckpointMismatchError naming the checkpoint when its weights
+    do not match the model (missing or unexpected weights, other shapes): a resume never trains on silently."""
+    from transformers.trainer_utils import _is_peft_model
+
+    checkpoint = Path(checkpoint)
+    if _is_peft_model(model):
+        n = _load_adapter_weights(model, checkpoint)
+    else:
+        n = _load_full_weights(model, checkpoint)
+    logger.info("resumed %d weight tensors from %s", n, checkpoint)
+    return n
+
+
+class StrictResumeMixin:
+    """Trainer mixin: resuming from a checkpoint loads its weights into the model for real, or fails naming it.
+
+    transformers' own `_load_from_checkpoint` loads the saved state dict non-strictly and without the model's key
+    mapping: a Qwen2.5-VL checkpoint (saved as `model.layers.*`, `visual.*`) matches none of the keys of the model in
+    memory (`model.language_model.*`, `model.visual.*`), and training goes on from the base weights with the restored
+    optimizer, scheduler and data position (ms-swift #7947, QwenLM/Qwen3-VL #1763). DeepSpeed and FSDP checkpoints
+    keep the trainer's own loading (their files hold the in-memory keys).
+    """
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_checkpoint_weights(self.model if model is None else model, resume_from_checkpoint)
+
+
+def apply_lora(model, lora: LoraSettings, seed: int = 0):
+    """Wrap the model with LoRA adapters when enabled; their initial weights follow `seed`, so a rerun of the same job
+    starts from the same adapters."""
     if not lora.enabled:
         return model
+    import torch
     from peft import LoraConfig, get_peft_model
 
+    torch.manual_seed(seed)
     return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                             target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
 
@@ -184,8 +326,12 @@ def train_sft(data_dir: str | Path, output: str | Path, cfg: SFTConfig) -> dict:
         max_length=None,  # overlong samples were dropped above; never truncate image tokens
         assistant_only_loss=True,
     )
-    trainer = SFTTrainer(
-        model=apply_lora(model, cfg.lora),
+
+    class ResumingSFTTrainer(StrictResumeMixin, SFTTrainer):
+        pass
+
+    trainer = ResumingSFTTrainer(
+        model=apply_lora(model, cfg.lora, cfg.seed),
         args=args,
         train_dataset=to_dataset(train_rows),
         eval_dataset=to_dataset(dev_rows) if dev_rows else None,

@@ -1,0 +1,135 @@
+"""Resuming restores the checkpoint's weights for real or fails naming the checkpoint.
+
+The training-level checks (weights at resume, loss curve and final weights against an uninterrupted run) are in
+test_sft.py and test_grpo.py.
+"""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from morer1.errors import BadInputError
+from morer1.sft import CheckpointMismatchError, LoraSettings, apply_lora, load_checkpoint_weights
+from morer1.tiny_model import TinyModelConfig, build_tiny_model
+
+CORPUS = ["<think>Step 1: a red circle in the crop. Step 6: none.</think><answer>none</answer>",
+          "Alice meets Bob in Lyon; the partner of Alice was born in Paris."]
+LORA = LoraSettings(enabled=True, r=4, alpha=8)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    build_tiny_model(root / "tiny", CORPUS, TinyModelConfig(vocab_size=600))
+    build_tiny_model(root / "wide", CORPUS, TinyModelConfig(vocab_size=600, intermediate_size=96))
+    return root
+
+
+def _load(path):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
+
+
+def _nudged(model, seed=1):
+    """The model with every weight moved, as training would: a checkpoint that differs from the base model."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_checkpoint_key_layout_differs_and_its_weights_are_still_loaded(models, tmp_path):
+    trained = _nudged(_load(models / "tiny"))
+    trained.save_pretrained(tmp_path / "checkpoint-3")  # what the Trainer writes into a checkpoint
+    saved = load_file(tmp_path / "checkpoint-3" / "model.safetensors")
+    model = _load(models / "tiny")
+    # the trap: saved as model.layers.* / visual.*, held as model.language_model.* / model.visual.*
+    assert any(k.startswith("visual.") for k in saved) and not any(k.startswith("visual.") for k in model.state_dict())
+    assert len(set(saved) & set(model.state_dict())) < len(saved) // 2  # a plain load_state_dict misses most
+
+    assert load_checkpoint_weights(model, tmp_path / "checkpoint-3") == len(saved)
+    assert _same(model.state_dict(), trained.state_dict())
+    assert not _same(model.state_dict(), _load(models / "tiny").state_dict())
+
+
+def test_a_checkpoint_of_another_model_fails_naming_it(models, tmp_path):
+    _load(models / "wide").save_pretrained(tmp_path / "checkpoint-3")
+    with pytest.raises(CheckpointMismatchError, match=r"checkpoint-3.*shape mismatches.*mlp") as err:
+        load_checkpoint_weights(_load(models / "tiny"), tmp_path / "checkpoint-3")
+    assert isinstance(err.value, BadInputError)  # the CLI's exit code 2: retrying will not help
+    assert str(tmp_path) in str(err.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda w: w.pop(sorted(k for k in w if k.startswith("model.layers."))[0]), "1 missing weights"),
+    (lambda w: w.update({"model.layers.9.mlp.up_proj.weight": torch.zeros(2, 2)}), "1 unexpected weights"),
+], ids=["missing", "unexpected"])
+def test_missing_or_unexpected_weights_fail_before_anything_is_loaded(models, tmp_path, change, message):
+    _nudged(_load(models / "tiny")).save_pretrained(tmp_path / "checkpoint-3")
+    weights = load_file(tmp_path / "checkpoint-3" / "model.safetensors")
+    change(weights)
+    save_file(weights, tmp_path / "checkpoint-3" / "model.safetensors", metadata={"format": "pt"})
+    model = _load(models / "tiny")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError, match=message):
+        load_checkpoint_weights(model, tmp_path / "checkpoint-3")
+    assert _same(model.state_dict(), before)
+
+
+def test_a_lora_checkpoint_is_loaded_for_real(models, tmp_path):
+    trained = _nudged(apply_lora(_load(models / "tiny"), LORA, seed=1), seed=2)
+    trained.save_pretrained(tmp_path / "checkpoint-3")  # adapter_model.safetensors only, as the Trainer writes it
+    model = apply_lora(_load(models / "tiny"), LORA, seed=0)
+    assert not _same(model.state_dict(), trained.state_dict())
+    assert load_checkpoint_weights(model, tmp_path / "checkpoint-3") == 4 * 2 * 2  # 4 modules x 2 layers x A, B
+    lora = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert lora and _same(lora, {k: v for k, v in trained.state_dict().items() if "lora_" in k})
+
+
+def test_every_adapter_of_a_lora_checkpoint_is_loaded(models, tmp_path):
+    """TRL's GRPO adds a frozen `ref` copy of the adapter as its reference model; it is saved in a subfolder."""
+
+    def with_ref(seed):
+        model = _nudged(apply_lora(_load(models / "tiny"), LORA, seed=seed), seed=seed)
+        model.add_adapter("ref", model.peft_config["default"])
+        return _nudged(model, seed=seed + 10)
+
+    trained = with_ref(1)
+    trained.save_pretrained(tmp_path / "checkpoint-3")
+    assert (tmp_path / "checkpoint-3" / "ref" / "adapter_model.safetensors").is_file()
+    model = with_ref(2)
+    assert load_checkpoint_weights(model, tmp_path / "checkpoint-3") == 2 * 16
+    lora = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert any(".ref." in k for k in lora) and _same(lora, {k: v for k, v in trained.state_dict().items() if "lora_" in k})
+
+    apply_lora(_load(models / "tiny"), LORA).save_pretrained(tmp_path / "no-ref" / "checkpoint-3")
+    with pytest.raises(CheckpointMismatchError, match=r"no-ref/checkpoint-3: no ref/adapter_model.safetensors"):
+        load_checkpoint_weights(with_ref(3), tmp_path / "no-ref" / "checkpoint-3")
+
+
+def test_lora_and_full_checkpoints_do_not_mix(models, tmp_path):
+    _nudged(_load(models / "tiny")).save_pretrained(tmp_path / "full" / "checkpoint-3")
+    apply_lora(_load(models / "tiny"), LORA).save_pretrained(tmp_path / "lora" / "checkpoint-3")
+    apply_lora(_load(models / "tiny"), LORA.model_copy(update={"r": 8})).save_pretrained(tmp_path / "r8" / "checkpoint-3")
+    with pytest.raises(CheckpointMismatchError, match=r"full/checkpoint-3: no adapter_model.safetensors"):
+        load_checkpoint_weights(apply_lora(_load(models / "tiny"), LORA), tmp_path / "full" / "checkpoint-3")
+    with pytest.raises(CheckpointMismatchError, match=r"lora/checkpoint-3: no model.safetensors"):
+        load_checkpoint_weights(_load(models / "tiny"), tmp_path / "lora" / "checkpoint-3")
+    with pytest.raises(CheckpointMismatchError, match=r"r8/checkpoint-3: its LoRA weights of adapter 'default' do not match.*16 shape mismatches.*lora_A.* \(8, 64\) vs \(4, 64\)"):
+        load_checkpoint_weights(apply_lora(_load(models / "tiny"), LORA), tmp_path / "r8" / "checkpoint-3")
+
+
+def test_lora_adapters_start_from_the_seed(models):
+    """A rerun of the same job starts from the same adapters, whatever ran before in the process."""
+    torch.manual_seed(123)
+    a = apply_lora(_load(models / "tiny"), LORA, seed=7).state_dict()
+    torch.manual_seed(456)
+    b = apply_lora(_load(models / "tiny"), LORA, seed=7).state_dict()
+    lora_a = [k for k in a if "lora_A" in k]
+    assert lora_a and all(torch.equal(a[k], b[k]) for k in lora_a)
