@@ -1,13 +1,21 @@
-"""Resuming restores the checkpoint's weights for real or fails naming the checkpoint.
+"""Resuming restores the checkpoint's weights for real or fails naming the checkpoint; the MLflow run of a killed
+stage does not stay RUNNING forever.
 
 The training-level checks (weights at resume, loss curve and final weights against an uninterrupted run) are in
 test_sft.py and test_grpo.py.
 """
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from morer1 import tracking
 from morer1.errors import BadInputError
 from morer1.sft import CheckpointMismatchError, LoraSettings, apply_lora, load_checkpoint_weights
 from morer1.tiny_model import TinyModelConfig, build_tiny_model
@@ -133,3 +141,72 @@ def test_lora_adapters_start_from_the_seed(models):
     b = apply_lora(_load(models / "tiny"), LORA, seed=7).state_dict()
     lora_a = [k for k in a if "lora_A" in k]
     assert lora_a and all(torch.equal(a[k], b[k]) for k in lora_a)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _run(run_id):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient().get_run(run_id)
+
+
+def test_a_stage_run_killed_outright_is_ended_as_killed_by_the_next_run_of_the_stage():
+    from mlflow.tracking import MlflowClient
+
+    tracking.setup()
+    killed = subprocess.run(  # the process dies inside its stage run, as on SIGKILL or out of memory
+        [sys.executable, "-c", "import os, signal\nfrom morer1 import tracking\n"
+         "with tracking.stage_run('sft') as run:\n    print(run.info.run_id, flush=True)\n"
+         "    os.kill(os.getpid(), signal.SIGKILL)\n"], capture_output=True, text=True, env=os.environ.copy())
+    assert killed.returncode == -signal.SIGKILL
+    killed_id = killed.stdout.strip()
+    assert _run(killed_id).info.status == "RUNNING"
+
+    client = MlflowClient()
+    experiment = _run(killed_id).info.experiment_id
+
+    def running(stage, host, pid):
+        run = client.create_run(experiment, tags={"morer1.stage": stage, tracking.HOST_TAG: host,
+                                                  tracking.PID_TAG: str(pid)})
+        return run.info.run_id
+
+    alive = running("sft", socket.gethostname(), os.getpid())  # e.g. a concurrent run: its process is alive
+    elsewhere = running("sft", "another-node", _dead_pid())  # its process cannot be checked from here
+    other_stage = running("grpo", socket.gethostname(), _dead_pid())  # the grpo stage's next run will see to it
+
+    with tracking.stage_run("sft") as rerun:
+        pass
+    assert _run(killed_id).info.status == "KILLED"
+    assert _run(killed_id).data.tags["morer1.ended_by_run_id"] == rerun.info.run_id
+    assert _run(rerun.info.run_id).data.tags["morer1.ended_stale_runs"] == killed_id
+    assert [_run(r).info.status for r in (alive, elsewhere, other_stage)] == ["RUNNING"] * 3
+    assert _run(rerun.info.run_id).data.tags[tracking.PID_TAG] == str(os.getpid())
+
+
+def test_resuming_a_checkpoint_names_the_run_that_wrote_it_and_ends_it(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path / "ckpt" / "sft"
+    folder.mkdir(parents=True)
+    tracking.setup()
+    with tracking.stage_run("sft") as first:
+        assert tracking.link_resumed_run(folder, resuming=False) is None
+    client = MlflowClient()
+    client.update_run(first.info.run_id, status="RUNNING")  # as if killed, on a node this one cannot check
+    client.set_tag(first.info.run_id, tracking.HOST_TAG, "another-node")
+
+    with tracking.stage_run("sft") as second:
+        assert _run(first.info.run_id).info.status == "RUNNING"  # another host: the stage sweep leaves it
+        assert tracking.link_resumed_run(folder, resuming=True) == first.info.run_id
+    assert _run(second.info.run_id).data.tags[tracking.RESUMED_TAG] == first.info.run_id
+    assert _run(first.info.run_id).info.status == "KILLED"  # its checkpoints are trained on by another run now
+    assert (folder / tracking.RUN_MARKER).read_text().strip() == second.info.run_id
+
+    with tracking.stage_run("sft") as third:
+        assert tracking.link_resumed_run(folder, resuming=False) is None  # a fresh start resumes nothing
+    assert tracking.RESUMED_TAG not in _run(third.info.run_id).data.tags

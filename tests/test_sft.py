@@ -88,6 +88,32 @@ def test_a_run_killed_after_a_checkpoint_resumes_its_weights_and_continues_the_u
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
+def test_a_rerun_ends_the_mlflow_run_of_the_killed_attempt_and_names_it(setup, kill_after_checkpoint):
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from morer1 import tracking
+
+    cfg = _cfg(setup, checkpoint_dir=str(setup / "ckpt-mlflow"))
+    with kill_after_checkpoint(3):
+        with tracking.stage_run("sft", cfg) as killed:
+            train_sft(setup / "sft", setup / "out-mlflow", cfg)
+    client = MlflowClient()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    client.update_run(killed.info.run_id, status="RUNNING")  # what SIGKILL leaves: RUNNING, and a dead process
+    client.set_tag(killed.info.run_id, tracking.PID_TAG, str(gone.pid))
+
+    with tracking.stage_run("sft", cfg) as rerun:
+        summary = train_sft(setup / "sft", setup / "out-mlflow", cfg)
+    assert summary["resumed_from"].endswith("checkpoint-3") and summary["resumed_run_id"] == killed.info.run_id
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"
+    tags = client.get_run(rerun.info.run_id).data.tags
+    assert tags[tracking.RESUMED_TAG] == killed.info.run_id and tags["morer1.ended_stale_runs"] == killed.info.run_id
+
+
 def test_a_rewritten_base_model_starts_a_new_job(setup):
     import os
 

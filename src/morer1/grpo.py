@@ -135,13 +135,15 @@ def train_grpo(facts_dir: str | Path, stream_dir: str | Path, output: str | Path
     trainer = trainer_class(model=apply_lora(model, cfg.lora, cfg.seed), reward_funcs=reward_funcs, args=args,
                             train_dataset=dataset, processing_class=processor)
     trainer.seen_ids = []
+    resumed_run = tracking.link_resumed_run(ckpt_dir, last is not None) if trainer.accelerator.is_main_process else None
     params_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train(resume_from_checkpoint=last)
     changed = sum(not p.detach().equal(params_before[n]) for n, p in trainer.model.named_parameters() if n in params_before)
     save_model(trainer, processor, output)
     history = [e for e in trainer.state.log_history if "loss" in e]
     summary = {
-        "steps": trainer.state.global_step, "resumed_from": last, "stream_prompts": len(stream),
+        "steps": trainer.state.global_step, "resumed_from": last, "resumed_run_id": resumed_run,
+        "stream_prompts": len(stream),
         "changed_tensors": changed, "trained_ids": trainer.seen_ids,
         "reward_first": history[0].get("reward") if history else None,
         "reward_last": history[-1].get("reward") if history else None,

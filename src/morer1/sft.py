@@ -337,12 +337,14 @@ def train_sft(data_dir: str | Path, output: str | Path, cfg: SFTConfig) -> dict:
         eval_dataset=to_dataset(dev_rows) if dev_rows else None,
         processing_class=processor,
     )
+    resumed_run = tracking.link_resumed_run(ckpt_dir, last is not None) if trainer.accelerator.is_main_process else None
     result = trainer.train(resume_from_checkpoint=last)
     save_model(trainer, processor, output)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     summary = {
         "train_samples": len(train_rows), "dropped_overlong": dropped, "dev_samples": len(dev_rows),
-        "steps": trainer.state.global_step, "resumed_from": last, "train_loss": result.training_loss,
+        "steps": trainer.state.global_step, "resumed_from": last, "resumed_run_id": resumed_run,
+        "train_loss": result.training_loss,
         "first_logged_loss": losses[0] if losses else None, "last_logged_loss": losses[-1] if losses else None,
     }
     if trainer.accelerator.is_main_process:

@@ -3,12 +3,19 @@
 The tracking URI is `MLFLOW_TRACKING_URI` when set, else a SQLite file in the project's state folder
 (`MORER1_STATE_DIR`, default `.state/`). The flow starts the parent run and passes its id to the stage
 processes in `MORER1_PARENT_RUN_ID`; a stage run without it is a top-level run.
+
+A stage run records the host and pid of its process. A process that is killed outright (SIGKILL, out of memory,
+a lost node) cannot end its run, which would stay RUNNING forever: the next run of the same stage ends such runs as
+KILLED when their process is gone, and a training stage that resumes a checkpoint tags its run with the run that
+wrote the checkpoint (`resumed_run_id`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import socket
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +25,11 @@ from pydantic import BaseModel
 PARENT_RUN_ENV = "MORER1_PARENT_RUN_ID"
 EXPERIMENT_ENV = "MORER1_EXPERIMENT"
 DEFAULT_EXPERIMENT = "morer1"
+HOST_TAG, PID_TAG = "morer1.host", "morer1.pid"
+RESUMED_TAG = "resumed_run_id"
+RUN_MARKER = "RUN"  # in a checkpoint folder: the MLflow run that trains into it
+
+logger = logging.getLogger(__name__)
 
 
 def state_dir() -> Path:
@@ -85,8 +97,85 @@ def stage_run(stage: str, config: BaseModel | None = None):
     """An MLflow run for one stage, nested under the pipeline run when there is one."""
     mlflow = setup()
     parent = os.environ.get(PARENT_RUN_ENV) or None
-    tags = {"morer1.stage": stage, **version_tags()}
+    tags = {"morer1.stage": stage, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), **version_tags()}
     with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags) as run:
+        ended = end_stale_runs(stage, run.info.run_id)
+        if ended:
+            mlflow.set_tag("morer1.ended_stale_runs", ",".join(ended))
         if config is not None:
             mlflow.log_params(flat_params(stage, config))
         yield run
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _gone(run) -> bool:
+    """A RUNNING run whose process is known to be gone: it ran on this host and its pid is no longer alive."""
+    tags = run.data.tags
+    pid = tags.get(PID_TAG, "")
+    return tags.get(HOST_TAG) == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))
+
+
+def _end_as_killed(client, run, by_run_id: str, why: str) -> None:
+    client.set_tag(run.info.run_id, "morer1.ended_by_run_id", by_run_id)
+    client.set_terminated(run.info.run_id, status="KILLED")
+    logger.warning("MLflow run %s (%s) was still RUNNING: %s; ended as KILLED by run %s",
+                   run.info.run_id, run.data.tags.get("morer1.stage", "?"), why, by_run_id)
+
+
+def end_stale_runs(stage: str, current_run_id: str) -> list[str]:
+    """End as KILLED the runs of `stage` in the current run's experiment that are still RUNNING although their process
+    (same host, recorded pid) is gone; return their ids. Runs of other hosts are left alone: their process cannot be
+    checked from here."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_run(current_run_id).info.experiment_id
+    running = client.search_runs([experiment], filter_string=f"tags.`morer1.stage` = '{stage}' and "
+                                 "attributes.status = 'RUNNING'")
+    ended = []
+    for run in running:
+        if run.info.run_id != current_run_id and _gone(run):
+            _end_as_killed(client, run, current_run_id, f"its process {run.data.tags[PID_TAG]} is gone")
+            ended.append(run.info.run_id)
+    return ended
+
+
+def link_resumed_run(checkpoint_folder: str | Path, resuming: bool) -> str | None:
+    """Record the active MLflow run as the one training into `checkpoint_folder`; when resuming, tag it with the run
+    that wrote the checkpoints (`resumed_run_id`), end that run as KILLED if it is still RUNNING (unless its process is
+    alive on this host), and return its id. No active run (e.g. a library call without a stage run): nothing to do."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    active = mlflow.active_run()
+    if active is None:
+        return None
+    marker = Path(checkpoint_folder) / RUN_MARKER
+    previous = marker.read_text().strip() if resuming and marker.is_file() else ""
+    marker.write_text(active.info.run_id + "\n")
+    if not previous or previous == active.info.run_id:
+        return None
+    mlflow.set_tag(RESUMED_TAG, previous)
+    client = MlflowClient()
+    try:
+        run = client.get_run(previous)
+    except MlflowException:  # another tracking store, or the run was deleted
+        logger.warning("resuming checkpoints of MLflow run %s, which this tracking store does not know", previous)
+        return previous
+    pid = run.data.tags.get(PID_TAG, "")
+    alive_here = run.data.tags.get(HOST_TAG) == socket.gethostname() and pid.isdigit() and process_alive(int(pid))
+    if run.info.status == "RUNNING" and not alive_here:
+        _end_as_killed(client, run, active.info.run_id, "its checkpoints are resumed by a new run")
+    logger.warning("MLflow run %s resumes the checkpoints of run %s", active.info.run_id, previous)
+    return previous
