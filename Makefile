@@ -14,12 +14,13 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 # torch and torchvision go in first, by pip (they come from this machine's disk); their exact pins are
 # read from pyproject.toml, where every pin lives. uv then installs the rest and leaves torch alone.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml infra/plots/build_offline_template.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $$($(PY) -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); print(' '.join(r for r in d['project']['dependencies'] if r.split('==')[0] in ('torch', 'torchvision')))")
 	$(PY) -m pip install -q uv==$(UV_VERSION)
 	$(VENV)/bin/uv pip install -q --python $(PY) -e '.[dev]'
+	$(PY) infra/plots/build_offline_template.py  # `dvc plots show` page with Vega inlined (fetched from npm)
 	touch $@
 
 install: $(VENV)/.installed

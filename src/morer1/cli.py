@@ -107,7 +107,7 @@ def cmd_sft(args) -> None:
     cfg = _config(args, "sft", SFTConfig)
     main_process = PartialState().is_main_process
     with tracking.stage_run("sft", cfg) if main_process else nullcontext():
-        summary = train_sft(Path(args.data), Path(args.out), cfg)
+        summary = train_sft(Path(args.data), Path(args.out), cfg, Path(args.curves) if args.curves else None)
         if main_process:
             import mlflow
 
@@ -164,7 +164,8 @@ def cmd_grpo(args) -> None:
     cfg = _config(args, "grpo", GRPOConfig)
     main_process = PartialState().is_main_process
     with tracking.stage_run("grpo", cfg) if main_process else nullcontext():
-        summary = train_grpo(Path(args.facts), Path(args.stream), Path(args.out), cfg)
+        summary = train_grpo(Path(args.facts), Path(args.stream), Path(args.out), cfg,
+                             Path(args.curves) if args.curves else None)
     if main_process:
         print(f"grpo: {summary['steps']} steps, reward {summary['reward_first']} -> {summary['reward_last']}")
 
@@ -269,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="supervised fine-tuning on the SFT set (run under `accelerate launch`)")
     p.add_argument("--data", required=True, help="SFT set folder (train.jsonl, optional dev.jsonl)")
     p.add_argument("--out", required=True, help="folder for the fine-tuned model and processor")
+    p.add_argument("--curves", help="folder for the loss and dev-F1 curves (CSV and PNG)")
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("difficulty", help="pass rate of each training fact over k rollouts of the SFT model")
@@ -286,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--facts", required=True, help="ingested facts folder")
     p.add_argument("--stream", required=True, help="folder written by `morer1 curriculum`")
     p.add_argument("--out", required=True, help="folder for the trained model and processor")
+    p.add_argument("--curves", help="folder for the reward and per-phase curves (CSV and PNG)")
     p.set_defaults(func=cmd_grpo)
 
     p = sub.add_parser("evaluate", help="score candidate models on dev, the chosen one on test; metrics and report")

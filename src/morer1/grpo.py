@@ -40,8 +40,9 @@ class GRPOConfig(TrainingSettings):
     rewards: RewardsConfig = Field(default_factory=RewardsConfig, description="Reward components and weights.")
 
 
-def rl_dataset(stream: list[dict], facts_dir: Path, labels: tuple[str, ...]):
-    """The stream as a datasets.Dataset, in stream order: prompt turns, the two images, the gold, phase and pool."""
+def rl_dataset(stream: list[dict], facts_dir: Path, labels: tuple[str, ...], prompt: str = "full"):
+    """The stream as a datasets.Dataset, in stream order: prompt turns (template `prompt`), the two images, the
+    gold, phase and pool."""
     import datasets
 
     from morer1.prompt import fact_images, prompt_messages
@@ -50,7 +51,7 @@ def rl_dataset(stream: list[dict], facts_dir: Path, labels: tuple[str, ...]):
     missing = [item["id"] for item in stream if item["id"] not in facts]
     if missing:
         raise ValueError(f"curriculum stream names facts missing from {facts_dir / 'train.jsonl'}: {missing[:5]}")
-    rows = [{"id": item["id"], "prompt": prompt_messages(facts[item["id"]], labels),
+    rows = [{"id": item["id"], "prompt": prompt_messages(facts[item["id"]], labels, prompt),
              "images": fact_images(facts[item["id"]], facts_dir), "relation": facts[item["id"]]["relation"],
              "phase": item["phase"], "pool": item["pool"]} for item in stream]
     return datasets.Dataset.from_list(rows).cast_column("images", datasets.List(datasets.Image()))
@@ -99,20 +100,24 @@ def log_completion_table(logs, step: int) -> None:
     mlflow.log_table(table, artifact_file=f"completions/step_{step:06d}.json")
 
 
-def train_grpo(facts_dir: str | Path, stream_dir: str | Path, output: str | Path, cfg: GRPOConfig) -> dict:
-    """Train `cfg.model` with GRPO on the curriculum stream of `stream_dir`; save to `output`; return a summary."""
+def train_grpo(facts_dir: str | Path, stream_dir: str | Path, output: str | Path, cfg: GRPOConfig,
+               curves_dir: str | Path | None = None) -> dict:
+    """Train `cfg.model` with GRPO on the curriculum stream of `stream_dir`; save to `output`; write the reward
+    and per-phase curves into `curves_dir` (`morer1.curves`) when given; return a summary."""
     from trl import GRPOConfig as TRLGRPOConfig
 
     from morer1 import tracking
     from morer1.labels import read_labels
     from morer1.modeling import load_model_and_processor
+    from morer1.prompt import model_prompt, write_prompt_name
     from morer1.rewards import build_reward_funcs
 
     tracking.setup()
     facts_dir, stream_dir, output = Path(facts_dir), Path(stream_dir), Path(output)
     labels = read_labels(facts_dir / "labels.json")
     stream = read_jsonl(stream_dir / "stream.jsonl")
-    dataset = rl_dataset(stream, facts_dir, labels)
+    prompt = model_prompt(cfg.model)
+    dataset = rl_dataset(stream, facts_dir, labels, prompt)
     reward_funcs, weights = build_reward_funcs(cfg.rewards, labels)
     model, processor = load_model_and_processor(cfg.model)
 
@@ -140,6 +145,8 @@ def train_grpo(facts_dir: str | Path, stream_dir: str | Path, output: str | Path
     trainer.train(resume_from_checkpoint=last)
     changed = sum(not p.detach().equal(params_before[n]) for n, p in trainer.model.named_parameters() if n in params_before)
     save_model(trainer, processor, output)
+    if trainer.accelerator.is_main_process:
+        write_prompt_name(output, prompt)
     history = [e for e in trainer.state.log_history if "loss" in e]
     summary = {
         "steps": trainer.state.global_step, "resumed_from": last, "resumed_run_id": resumed_run,
@@ -150,4 +157,8 @@ def train_grpo(facts_dir: str | Path, stream_dir: str | Path, output: str | Path
     }
     if trainer.accelerator.is_main_process:
         (output / "grpo_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if curves_dir is not None:
+            from morer1.curves import log_curves, write_grpo_curves
+
+            log_curves(write_grpo_curves(curves_dir, trainer.state.log_history))
     return summary

@@ -40,6 +40,10 @@ class TrainingSettings(StageConfig):
 
     accelerate_config: str = Field("infra/accelerate/cpu.yaml", description="accelerate config the stage launches with.")
     learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    lr_scheduler_type: str = Field("linear", description="transformers scheduler name: linear, cosine, constant, ...")
+    warmup_steps: float = Field(
+        0.0, ge=0, description="Warm-up: a number of steps, or below 1 a share of the total steps (0.05 = 5 %).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs over the training set (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
     per_device_train_batch_size: int = Field(4, ge=1, description="Samples per device per forward pass.")
@@ -58,6 +62,9 @@ class TrainingSettings(StageConfig):
         return dict(
             output_dir=str(output_dir),
             learning_rate=self.learning_rate,
+            lr_scheduler_type=self.lr_scheduler_type,
+            warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay,
             num_train_epochs=self.num_train_epochs,
             max_steps=self.max_steps,
             per_device_train_batch_size=self.per_device_train_batch_size,
@@ -80,6 +87,10 @@ class SFTConfig(TrainingSettings):
 
     model: str = Field("models/tiny", description="Base model folder: the tiny model, or a local Qwen2.5-VL checkpoint.")
     max_length: int = Field(1024, ge=16, description="Samples with more tokens (images included) are dropped.")
+    dev_f1_every: int = Field(
+        0, ge=0, description="Score greedy answers on a dev sample every this many steps and at the end (0: never).")
+    dev_f1_samples: int = Field(64, ge=1, description="Size of that dev sample (the first rows of the SFT dev set).")
+    dev_f1_max_new_tokens: int = Field(256, ge=1, description="Longest answer generated for that dev sample.")
 
 
 def to_dataset(rows: list[dict]):
@@ -91,12 +102,19 @@ def to_dataset(rows: list[dict]):
 
 
 def sequence_length(processor, messages: list[dict], image_paths: list[str]) -> int:
-    """Tokens of a full conversation with its images, as the model sees it."""
+    """Tokens of a full conversation with its images, as the model sees it: the text's tokens, each image
+    placeholder counted as the image tokens the processor gives that image's size (read from the file header)."""
     from PIL import Image
 
+    from morer1.modeling import image_token_count
+
     text = processor.apply_chat_template(messages, tokenize=False)
-    images = [Image.open(p).convert("RGB") for p in image_paths]
-    return int(processor(text=[text], images=images, return_tensors="pt")["input_ids"].shape[1])
+    n_text = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+    n_image = 0
+    for path in image_paths:
+        with Image.open(path) as image:
+            n_image += image_token_count(processor, *image.size) - 1  # the placeholder itself is one text token
+    return n_text + n_image
 
 
 def drop_overlong(rows: list[dict], processor, max_length: int) -> tuple[list[dict], int]:
@@ -300,13 +318,15 @@ def bf16_enabled(setting: bool | None) -> bool:
     return torch.cuda.is_available() if setting is None else setting
 
 
-def train_sft(data_dir: str | Path, output: str | Path, cfg: SFTConfig) -> dict:
-    """Fine-tune `cfg.model` on `data_dir/train.jsonl` (and evaluate on `dev.jsonl` if present); save to `output`."""
+def train_sft(data_dir: str | Path, output: str | Path, cfg: SFTConfig, curves_dir: str | Path | None = None) -> dict:
+    """Fine-tune `cfg.model` on `data_dir/train.jsonl` (and evaluate on `dev.jsonl` if present); save to `output`;
+    write the loss and dev-F1 curves into `curves_dir` (`morer1.curves`) when given."""
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
     from morer1 import tracking
     from morer1.modeling import load_model_and_processor
+    from morer1.prompt import model_prompt, write_prompt_name
 
     tracking.setup()  # the trainer's MLflow callback logs into the project's store (into the active stage run)
     data_dir, output = Path(data_dir), Path(output)
@@ -330,16 +350,27 @@ def train_sft(data_dir: str | Path, output: str | Path, cfg: SFTConfig) -> dict:
     class ResumingSFTTrainer(StrictResumeMixin, SFTTrainer):
         pass
 
+    callbacks = []
+    if cfg.dev_f1_every and dev_rows:
+        from morer1.curves import dev_f1_callback
+        from morer1.labels import read_labels
+
+        callbacks.append(dev_f1_callback(dev_rows[:cfg.dev_f1_samples], read_labels(data_dir / "labels.json"),
+                                         cfg.dev_f1_every, max_new_tokens=cfg.dev_f1_max_new_tokens,
+                                         batch_size=max(cfg.per_device_train_batch_size, 16)))
     trainer = ResumingSFTTrainer(
         model=apply_lora(model, cfg.lora, cfg.seed),
         args=args,
         train_dataset=to_dataset(train_rows),
         eval_dataset=to_dataset(dev_rows) if dev_rows else None,
         processing_class=processor,
+        callbacks=callbacks,
     )
     resumed_run = tracking.link_resumed_run(ckpt_dir, last is not None) if trainer.accelerator.is_main_process else None
     result = trainer.train(resume_from_checkpoint=last)
     save_model(trainer, processor, output)
+    if trainer.accelerator.is_main_process:
+        write_prompt_name(output, model_prompt(data_dir))  # the model is asked the way its SFT set was written
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     summary = {
         "train_samples": len(train_rows), "dropped_overlong": dropped, "dev_samples": len(dev_rows),
@@ -349,4 +380,11 @@ def train_sft(data_dir: str | Path, output: str | Path, cfg: SFTConfig) -> dict:
     }
     if trainer.accelerator.is_main_process:
         (output / "sft_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if curves_dir is not None:
+            from morer1.curves import log_curves, write_sft_curves
+
+            points = callbacks[0].points if callbacks else []
+            log_curves(write_sft_curves(curves_dir, trainer.state.log_history, points))
+            if points:
+                summary["dev_sample_f1"] = points[-1]["dev_f1"]
     return summary

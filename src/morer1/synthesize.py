@@ -125,6 +125,7 @@ def synthesize(facts_dir: str | Path, output: str | Path, cfg: SynthesizeConfig,
     output.mkdir(parents=True, exist_ok=True)
     report: dict = {"teacher": cfg.teacher, "prompt": cfg.prompt, "splits": {}}
     write_prompt_name(output, cfg.prompt)
+    (output / "labels.json").write_text(json.dumps(list(labels)) + "\n", encoding="utf-8")  # for SFT's dev scoring
     for split in cfg.splits:
         path = facts_dir / f"{split}.jsonl"
         if not path.exists():
