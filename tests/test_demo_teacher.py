@@ -16,9 +16,9 @@ from morer1.prompt import prompt_messages
 from morer1.teachers import DemoTeacher, TeacherRequest, demo_rationale
 
 STEPS = (
-    r"Step 1: The crop shows a (?P<color>\w+) (?P<shape>\w+), so the object is (?P<otype>\w+)\.",
-    r"Step 2: The entity (?P<entity>.+) is (?P<etype>\w+)\.",
-    r"Step 3: In the title, (?P<entity3>.+?) (?:follows (?P<before>.+)|comes first)\.",
+    r"Step 1: The entity (?P<entity>.+) is (?P<etype>\w+)\.",
+    r"Step 2: In the title, (?P<entity3>.+?) (?:follows (?P<before>.+)|comes first)\.",
+    r"Step 3: The crop shows a (?P<color>\w+) (?P<shape>\w+), so the object is (?P<otype>\w+)\.",
     r"Step 4: (?:The title says (?P<word>\w+) and the crop is (?P<color4>\w+): they (?P<match>match|differ)"
     r"|No colour and cue come before (?P<entity4>.+), so nothing links it to the crop)\.",
     r"Step 5: (?:(?P<cue>\w+) names (?P<relation>\S+), for (?P<pair>\w+/\w+); the pair is (?P<pair5>\w+/\w+): "
@@ -55,12 +55,12 @@ def test_every_step_is_evidence_from_the_inputs_and_step_6_follows_from_steps_4_
     for fact in rows:
         rationale = demo_rationale(fact)
         said = read_back(rationale)
-        # step 1: what the crop's pixels show
+        # step 3: what the crop's pixels show
         with Image.open(root / fact["object"]["crop"]) as crop:
             pixels = np.asarray(crop.convert("RGB"))
         assert (said["shape"], said["color"]) == read_object(pixels, [0, 0, pixels.shape[1], pixels.shape[0]])
         assert said["otype"] == SHAPE_TYPE[said["shape"]]
-        # steps 2 and 3: the entity, its type, and the two title words just before it
+        # steps 1 and 2: the entity, its type, and the two title words just before it
         assert said["entity"] == said["entity3"] == fact["entity"]["name"]
         assert said["etype"] == ENTITY_TYPE[said["entity"]]
         start = fact["entity"]["start"]

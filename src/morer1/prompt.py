@@ -2,7 +2,7 @@
 
 `full` (`templates/prompt.txt`, with a system turn) is the MORE-R1 prompt for real models: the task, the
 types, the candidate labels and the six steps. `compact` (`templates/prompt_compact.txt`, no system turn)
-is the title and the entity only, for a small model trained from scratch that learns the steps from its
+is the entity and the title with the entity marked in it, for a small model trained from scratch that learns the steps from its
 SFT rationales (a long instruction stops a ~1M-parameter model from learning, docs/method.md).
 
 A model is queried with the template it was trained on: `synthesize` writes the template name into the
@@ -13,6 +13,7 @@ generation, difficulty, evaluation and the served model read it (`model_prompt`)
 from __future__ import annotations
 
 import json
+import re
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
@@ -32,15 +33,32 @@ PROMPT_FILE = "morer1_prompt.json"
 
 @cache
 def template(name: str = DEFAULT_PROMPT) -> str:
-    """The text of a named template, with `{title}`, `{entity}` and `{labels}` fields."""
+    """The text of a named template, with `{title}`, `{marked_title}` (the target entity between `[ ` and ` ]`),
+    `{entity}` and `{labels}` fields."""
     if name not in TEMPLATES:
         raise BadInputError(f"unknown prompt template {name!r}; known: {sorted(TEMPLATES)}")
     return files("morer1").joinpath(TEMPLATES[name][0]).read_text(encoding="utf-8")
 
 
-def prompt_text(title: str, entity: str, labels: list[str] | tuple[str, ...], name: str = DEFAULT_PROMPT) -> str:
-    """The user instruction for one fact."""
-    return template(name).format(title=title, entity=entity, labels="\n".join(labels)).strip()
+def prompt_text(title: str, entity: str, labels: list[str] | tuple[str, ...], name: str = DEFAULT_PROMPT,
+                marked_title: str | None = None) -> str:
+    """The user instruction for one fact; `marked_title` (default: the title) fills `{marked_title}`."""
+    return template(name).format(title=title, entity=entity, labels="\n".join(labels),
+                                 marked_title=title if marked_title is None else marked_title).strip()
+
+
+def mark_entity(fact: dict) -> str:
+    """The title with the target entity between `[ ` and ` ]`: at its token span when the fact has one (ingested
+    facts), else at the first whole-word occurrence of the entity's name; the plain title when it is not found."""
+    tokens, entity = fact.get("tokens"), fact["entity"]
+    start, end = entity.get("start"), entity.get("end")
+    if tokens and start is not None and end is not None and 0 <= start < end <= len(tokens):
+        return " ".join([*tokens[:start], "[", *tokens[start:end], "]", *tokens[end:]])
+    title, name = fact["text"], entity["name"]
+    match = re.search(rf"(?<!\w){re.escape(name)}(?!\w)", title) if name else None
+    if match is None:
+        return title
+    return f"{title[:match.start()]}[ {name} ]{title[match.end():]}"
 
 
 def prompt_messages(fact: dict, labels: list[str] | tuple[str, ...], name: str = DEFAULT_PROMPT) -> list[dict]:
@@ -50,7 +68,7 @@ def prompt_messages(fact: dict, labels: list[str] | tuple[str, ...], name: str =
     user = {"role": "user", "content": [
         {"type": "image"},
         {"type": "image"},
-        {"type": "text", "text": prompt_text(fact["text"], fact["entity"]["name"], labels, name)},
+        {"type": "text", "text": prompt_text(fact["text"], fact["entity"]["name"], labels, name, mark_entity(fact))},
     ]}
     return ([{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []) + [user]
 

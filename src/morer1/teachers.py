@@ -72,9 +72,10 @@ class TemplateTeacher:
 def demo_rationale(fact: dict) -> str | None:
     """Six short steps that derive a demo fact's label from its evidence, in the order the rule needs it.
 
-    1. the crop: colour and shape, hence the object type; 2. the entity and its type; 3. the two title words
-    just before the entity; 4. whether that colour word is the crop's colour; 5. the relation the cue word
-    names and whether its type pair is the pair of steps 1 and 2; 6. the label those steps give. Every
+    1. the entity and its type; 2. the two title words just before the entity; 3. the crop: colour and shape,
+    hence the object type; 4. whether that colour word is the crop's colour; 5. the relation the cue word
+    names and whether its type pair is the pair of steps 1 and 3; 6. the label those steps give. The title is
+    read before the crop is described, so the title's words cannot be copied from the crop's colour. Every
     statement is read from the inputs (the caption is what the crop shows, the tokens are the title), and
     step 6 follows from steps 4 and 5 alone. None when the fact is not from the demo generator (its caption
     or entity is not in the demo's vocabulary): this teacher only knows the demo's rule.
@@ -91,10 +92,10 @@ def demo_rationale(fact: dict) -> str | None:
     color, shape = caption[1], caption[2]
     o_type, e_type = shape_type[shape], entity_type[ent]
     before = fact["tokens"][max(0, fact["entity"]["start"] - 2):fact["entity"]["start"]]
-    steps = [f"Step 1: The crop shows a {color} {shape}, so the object is {o_type}.",
-             f"Step 2: The entity {ent} is {e_type}."]
-    steps.append(f"Step 3: In the title, {ent} follows {' '.join(before)}." if before
-                 else f"Step 3: In the title, {ent} comes first.")
+    steps = [f"Step 1: The entity {ent} is {e_type}.",
+             f"Step 2: In the title, {ent} follows {' '.join(before)}." if before
+             else f"Step 2: In the title, {ent} comes first.",
+             f"Step 3: The crop shows a {color} {shape}, so the object is {o_type}."]
     linked = len(before) == 2 and before[0] in PALETTE and before[1] in cue_relation
     if not linked:
         steps += [f"Step 4: No colour and cue come before {ent}, so nothing links it to the crop.",

@@ -100,6 +100,9 @@ class TinyModelConfig(StageConfig):
         4096, ge=256, description="Longest sequence the text decoder is configured for."
     )
     tie_word_embeddings: bool = Field(True, description="Share input embeddings and output head (as Qwen2.5-VL-3B).")
+    rope_theta: float = Field(
+        ROPE_THETA, gt=0, description="Rotary base of the text decoder; Qwen2.5-VL's 1e6 leaves a small head few "
+        "frequencies that resolve neighbouring tokens, 1e4 gives more.")
     vision_depth: int = Field(2, ge=1, description="Blocks of the vision encoder (the last one has full attention).")
     vision_hidden_size: int = Field(32, ge=8, description="Width of the vision encoder.")
     vision_num_heads: int = Field(2, ge=1, description="Attention heads of the vision encoder.")
@@ -231,7 +234,7 @@ def build_tiny_model(out_dir: Path, texts: Iterable[str], cfg: TinyModelConfig) 
             max_position_embeddings=cfg.max_position_embeddings,
             rope_parameters={
                 "rope_type": "default",
-                "rope_theta": ROPE_THETA,
+                "rope_theta": cfg.rope_theta,
                 "mrope_section": mrope_section(cfg.hidden_size // cfg.num_attention_heads),
             },
             bos_token_id=token_id[PAD_TOKEN],
