@@ -115,23 +115,23 @@ class OpenAIServer:
             handler.connection.shutdown(socket.SHUT_RDWR)
             handler.close_connection = True
         elif kind == "http_500":
-            _reply(handler, 500, b'{"error": {"message": "internal error", "type": "server_error"}}')
+            send_reply(handler, 500, b'{"error": {"message": "internal error", "type": "server_error"}}')
         elif kind == "http_429":
-            _reply(handler, 429, b'{"error": {"message": "rate limited", "type": "rate_limit"}}', {"Retry-After": "0"})
+            send_reply(handler, 429, b'{"error": {"message": "rate limited", "type": "rate_limit"}}', {"Retry-After": "0"})
         elif kind == "bad_json":
-            _reply(handler, 200, b'{"id": "x", "choices": [{"message": {"role": "assistant", "content": "<think>Ste')
+            send_reply(handler, 200, b'{"id": "x", "choices": [{"message": {"role": "assistant", "content": "<think>Ste')
         elif kind == "no_content":
             variant = NO_CONTENT_BODIES[int(_unit(key, attempt, "variant") * len(NO_CONTENT_BODIES))]
-            _reply(handler, 200, json.dumps(variant).encode())
+            send_reply(handler, 200, json.dumps(variant).encode())
         elif isinstance(text := self.answer(body, key), tuple):
             status, message = text
             error = {"error": {"message": message, "type": "invalid_request_error"}}
-            _reply(handler, status, json.dumps(error).encode())
+            send_reply(handler, status, json.dumps(error).encode())
         else:
             payload = {"id": f"chatcmpl-{key[:12]}", "object": "chat.completion", "model": body.get("model"),
                        "choices": [{"index": 0, "finish_reason": "stop",
                                     "message": {"role": "assistant", "content": text}}]}
-            _reply(handler, 200, json.dumps(payload).encode())
+            send_reply(handler, 200, json.dumps(payload).encode())
             with self.lock:
                 self.completions[key] += 1
 
@@ -167,7 +167,7 @@ class OpenAIServer:
         self.stop()
 
 
-def _reply(handler: BaseHTTPRequestHandler, status: int, data: bytes, headers: dict | None = None) -> None:
+def send_reply(handler: BaseHTTPRequestHandler, status: int, data: bytes, headers: dict | None = None) -> None:
     handler.send_response(status)
     handler.send_header("Content-Type", "application/json")
     handler.send_header("Content-Length", str(len(data)))

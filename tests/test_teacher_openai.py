@@ -13,6 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 from pydantic import ValidationError
+from openai_server import send_reply
 from servers import free_port
 
 from morer1.errors import BadInputError
@@ -80,14 +81,7 @@ class FakeServer:
 
 
 def reply(handler: BaseHTTPRequestHandler, status: int, payload: dict | str, headers: dict | None = None) -> None:
-    data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
-    handler.send_response(status)
-    handler.send_header("Content-Type", "application/json")
-    handler.send_header("Content-Length", str(len(data)))
-    for name, value in (headers or {}).items():
-        handler.send_header(name, value)
-    handler.end_headers()
-    handler.wfile.write(data)
+    send_reply(handler, status, (payload if isinstance(payload, str) else json.dumps(payload)).encode(), headers)
 
 
 @pytest.fixture
