@@ -17,7 +17,7 @@ from morer1.curriculum import (
 from morer1.generation import generate_completions
 from morer1.labels import DEFAULT_LABELS
 from morer1.modeling import load_model_and_processor
-from morer1.prompt import prompt_text
+from morer1.prompt import prompt_messages, prompt_text
 from morer1.tiny_model import TinyModelConfig, build_tiny_model
 
 RELATIONS = ["none", "/per/per/partner", "/per/loc/place_of_birth", "/org/loc/locate_at"]
@@ -76,7 +76,8 @@ def _gen(tiny, facts=None, **kw):
 
 def test_prompts_differ_in_length(tiny):
     processor = tiny["processor"]
-    lengths = {len(processor(text=[generation.render_prompt(processor, f, LABELS)],
+    lengths = {len(processor(text=[processor.apply_chat_template(prompt_messages(f, LABELS), tokenize=False,
+                                                                 add_generation_prompt=True)],
                              images=[[generation.load_rgb(p) for p in (tiny["root"] / "facts" / f["image"],
                                                                        tiny["root"] / "facts" / f["object"]["crop"])]],
                              return_tensors="pt")["input_ids"][0]) for f in tiny["facts"]}

@@ -1,6 +1,6 @@
-"""Batched generation from a vision-language model over ingested facts: shared by difficulty estimation and evaluation.
+"""Batched generation from a vision-language model: shared by difficulty, evaluation, SFT's dev curve and serving.
 
-One prompt per fact (`morer1.prompt.prompt_messages`: system + user turn with the photo and the crop),
+One prompt per fact (`morer1.prompt.prompt_messages` in the model's template: the photo and the crop, the text),
 rendered with the processor's chat template, batched with left padding so every prompt ends where
 generation starts, and decoded without the prompt. Special tokens (chat and vision tokens) are
 skipped; `<think>`/`<answer>` are plain added tokens and survive decoding.
@@ -37,12 +37,6 @@ def load_rgb(path: str | Path):
 
     with Image.open(path) as image:
         return image.convert("RGB")
-
-
-def render_prompt(processor: ProcessorMixin, fact: dict, labels: Sequence[str], prompt: str = DEFAULT_PROMPT) -> str:
-    """The chat-template text of a fact's prompt (template `prompt`), ending with the assistant header."""
-    return processor.apply_chat_template(prompt_messages(fact, labels, prompt), tokenize=False,
-                                         add_generation_prompt=True)
 
 
 def generation_config(

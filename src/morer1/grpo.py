@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from morer1.files import read_jsonl
+from morer1.prompt import DEFAULT_PROMPT
 from morer1.rewards import RewardsConfig
 from morer1.sft import (
     StrictResumeMixin,
@@ -40,7 +41,7 @@ class GRPOConfig(TrainingSettings):
     rewards: RewardsConfig = Field(default_factory=RewardsConfig, description="Reward components and weights.")
 
 
-def rl_dataset(stream: list[dict], facts_dir: Path, labels: tuple[str, ...], prompt: str = "full"):
+def rl_dataset(stream: list[dict], facts_dir: Path, labels: tuple[str, ...], prompt: str = DEFAULT_PROMPT):
     """The stream as a datasets.Dataset, in stream order: prompt turns (template `prompt`), the two images, the
     gold, phase and pool."""
     import datasets
