@@ -107,6 +107,27 @@ def stage_run(stage: str, config: BaseModel | None = None):
         yield run
 
 
+def numeric_leaves(summary: dict, prefix: str = "") -> dict[str, float]:
+    """Numbers (not bools) anywhere in a nested summary, as flat `a.b.c` keys."""
+    out: dict[str, float] = {}
+    for key, value in summary.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(numeric_leaves(value, f"{name}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+def log_summary(summary: dict) -> None:
+    """The one way a stage logs its outcome to its active MLflow run: every number of the summary as a metric,
+    and the summary itself as `summary.json`."""
+    import mlflow
+
+    mlflow.log_metrics(numeric_leaves(summary))
+    mlflow.log_dict(summary, "summary.json")
+
+
 def process_alive(pid: int) -> bool:
     """Whether a process with this id exists on this host."""
     try:
