@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml infra/plots/build_offline_template.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $$($(PY) -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); print(' '.join(r for r in d['project']['dependencies'] if r.split('==')[0] in ('torch', 'torchvision')))")
 	$(PY) -m pip install -q uv==$(UV_VERSION)
-	$(VENV)/bin/uv pip install -q --python $(PY) -e '.[dev]'
+	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -e '.[dev]'
 	$(PY) infra/plots/build_offline_template.py  # `dvc plots show` page with Vega inlined (fetched from npm)
 	touch $@
 
@@ -33,3 +33,26 @@ test: $(VENV)/.installed  ## all tests, including one end-to-end run on a tiny d
 
 ui: $(VENV)/.installed  ## MLflow UI on the local tracking store, http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(MORER1_STATE_DIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# GPU node: the stack plus morer1[cluster] (deepspeed, vllm, dvc-s3) from the registry, with the extra's own
+# torch/torchvision/numpy pins in place of the base ones (uv --override, generated from pyproject.toml; why:
+# the comment above the extra). Run it instead of `make install` there, and again after pyproject.toml changes:
+# `make install` would put the CPU stack's torch back.
+.PHONY: cluster-install
+cluster-install:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q uv==$(UV_VERSION)
+	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; base = {r.split('==')[0] for r in p['dependencies']}; print('\n'.join(r for r in p['optional-dependencies']['cluster'] if r.split('==')[0] in base))" > $(VENV)/cluster-overrides.txt
+	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) --override $(VENV)/cluster-overrides.txt -e '.[dev,cluster]'
+	$(PY) infra/plots/build_offline_template.py
+	touch $(VENV)/.installed
+
+# Code deps of each stage in dvc.yaml: the import closure of its module in src/morer1 (morer1.codedeps).
+# `make deps` rewrites the `- src/morer1/...` dep lines in place; `make deps-check` only lists differences.
+.PHONY: deps deps-check
+deps: $(VENV)/.installed
+	$(PY) -m morer1.codedeps --write
+
+deps-check: $(VENV)/.installed
+	$(PY) -m morer1.codedeps --check

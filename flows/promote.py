@@ -1,4 +1,5 @@
-"""Prefect flow: move alias `champion` to the `challenger` version if it wins on dev (`morer1 promote`).
+"""Prefect flow: move alias `champion` to the `challenger` version if it wins on dev (`morer1 promote`), the champion
+scored on the challenger's dev set.
 
     python flows/promote.py [--project-dir DIR]
 """
@@ -22,8 +23,12 @@ from morer1.params import load_section
 
 @flow(name="morer1-promote")
 def promote(project_dir: str = str(PROJECT)) -> dict:
-    """Promote with the `register` section of `<project_dir>/params.yaml`; post the decision as artifact `promotion`."""
+    """Promote with the `register` section of `<project_dir>/params.yaml`; post the decision as artifact `promotion`.
+
+    `register.facts`, when relative, is read under `project_dir`: the challenger's dev facts on which the champion is
+    re-scored when it was scored on other dev data (without them the decision is `refused`)."""
     cfg = load_section("register", registry.RegisterConfig, Path(project_dir) / "params.yaml")
+    cfg = cfg.model_copy(update={"facts": str(Path(project_dir) / cfg.facts)})  # an absolute facts stays as it is
     decision = registry.promote(cfg)
     get_run_logger().info("%s: %s", decision["decision"], decision["reason"])
     create_markdown_artifact(key="promotion", markdown="# morer1 promotion\n\n" + promotion_markdown(decision),

@@ -69,17 +69,17 @@ def kill_after_checkpoint(monkeypatch):
 def weights_at_resume(monkeypatch):
     """A list that gets (checkpoint folder, the model's state dict) each time a trainer resumes, taken right after the
     checkpoint's weights were loaded: the weights the resumed training starts from."""
-    import morer1.sft
+    import morer1.training
 
     seen = []
-    original = morer1.sft.load_checkpoint_weights
+    original = morer1.training.load_checkpoint_weights
 
     def spy(model, checkpoint):
         n = original(model, checkpoint)
         seen.append((Path(checkpoint), {k: v.detach().clone() for k, v in model.state_dict().items()}))
         return n
 
-    monkeypatch.setattr(morer1.sft, "load_checkpoint_weights", spy)
+    monkeypatch.setattr(morer1.training, "load_checkpoint_weights", spy)
     return seen
 
 

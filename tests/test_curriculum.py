@@ -1,4 +1,4 @@
-"""Progressive Sample-Mixing and difficulty bookkeeping: pure and fast, no model."""
+"""Progressive Sample-Mixing: pure and fast, no model; the stage's run() writes and logs the stream."""
 
 import json
 import math
@@ -6,19 +6,10 @@ from collections import Counter
 
 import pytest
 
-from morer1.curriculum import (
-    CurriculumConfig,
-    build_stream,
-    difficulty_summary,
-    pool_of,
-    read_stream,
-    score_rollouts,
-    select_facts,
-    write_difficulty,
-    write_stream,
-)
+from morer1.curriculum import CurriculumConfig, build_stream, run
+from morer1.difficulty import pool_of
 from morer1.errors import BadInputError
-from morer1.labels import DEFAULT_LABELS
+from morer1.files import read_jsonl, write_jsonl
 
 
 def rows(learnable=0, hard=0, solved=0, k=4):
@@ -160,13 +151,21 @@ def test_deterministic_for_a_seed():
         assert [i["id"] for i in a[0]] != [i["id"] for i in c[0]]
 
 
-def test_write_and_read_keep_the_order(tmp_path):
-    stream, plan = build_stream(rows(learnable=30, hard=20, solved=5), CurriculumConfig(phases=3, seed=1))
-    write_stream(stream, plan, tmp_path)
-    again, plan_again = read_stream(tmp_path)
-    assert again == stream and plan_again == plan
-    lines = (tmp_path / "stream.jsonl").read_text().splitlines()
-    assert [json.loads(line)["id"] for line in lines] == [item["id"] for item in stream]
+def test_run_writes_the_stream_in_training_order_and_logs_the_plan(tmp_path):
+    import mlflow
+
+    data = rows(learnable=30, hard=20, solved=5)
+    write_jsonl(tmp_path / "difficulty.jsonl", data)
+    cfg = CurriculumConfig(phases=3, seed=1)
+    summary = run(cfg, tmp_path, tmp_path / "out")
+    stream, plan = build_stream(data, cfg)
+    assert read_jsonl(tmp_path / "out" / "stream.jsonl") == stream
+    assert json.loads((tmp_path / "out" / "plan.json").read_text()) == plan
+    assert summary["prompts"] == len(stream) and summary["pool_sizes"] == {"learnable": 30, "hard": 20, "solved": 5}
+    stage = mlflow.last_active_run()
+    assert stage.data.tags["morer1.stage"] == "curriculum" and stage.data.metrics["prompts"] == len(stream)
+    history = mlflow.MlflowClient().get_metric_history(stage.info.run_id, "actual_share_hard")
+    assert [m.step for m in history] == [0, 1, 2]
 
 
 def test_config_checks():
@@ -180,36 +179,6 @@ def test_config_checks():
         build_stream([], CurriculumConfig())
     with pytest.raises(BadInputError):
         build_stream(rows(learnable=2) + rows(learnable=1), CurriculumConfig())
-
-
-def test_scoring_pools_and_summary(tmp_path):
-    facts = [{"id": f"f{i}", "relation": rel} for i, rel in enumerate(["none", "/per/per/partner", "/org/loc/locate_at"])]
-
-    def say(label):
-        return f"<think>Step 1: a</think><answer>{label}</answer>"
-
-    completions = [
-        [say("none")] * 4,  # solved
-        [say("/per/per/partner"), say("none"), "garbage", say("per/per/partner/")],  # 2 of 4
-        [say("none"), "<answer>/org/loc/locate_at", say("/org/loc/locate_at /per/per/partner"), say("none")],  # 0
-    ]
-    result = score_rollouts(facts, completions, DEFAULT_LABELS)
-    assert [(r["id"], r["passes"], r["rollouts"], r["pass_rate"]) for r in result] == [
-        ("f0", 4, 4, 1.0), ("f1", 2, 4, 0.5), ("f2", 0, 4, 0.0)]
-    summary = write_difficulty(result, tmp_path)
-    assert (summary["solved"], summary["learnable"], summary["hard"]) == (1, 1, 1)
-    assert [b["count"] for b in summary["histogram"]] == [1, 0, 0, 0, 0, 1, 0, 0, 0, 1]
-    assert json.loads((tmp_path / "difficulty_summary.json").read_text()) == summary
-    assert [json.loads(x) for x in (tmp_path / "difficulty.jsonl").read_text().splitlines()] == result
-    assert difficulty_summary(result)["by_relation"]["none"] == {"learnable": 0, "hard": 0, "solved": 1}
-
-
-def test_a_seeded_sample_of_facts_keeps_file_order():
-    facts = [{"id": str(i)} for i in range(100)]
-    sample = select_facts(facts, 10, seed=0)
-    assert len(sample) == 10 and sample == sorted(sample, key=lambda f: int(f["id"]))
-    assert sample == select_facts(facts, 10, seed=0) != select_facts(facts, 10, seed=1)
-    assert select_facts(facts, None, 0) == facts
 
 
 def test_only_solved_samples_still_give_a_stream_and_say_why():

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
+from configs import small_config
 from morer1.demo_data import (
     CUE_WORDS,
     ENTITY_NAMES,
@@ -25,6 +26,7 @@ from morer1.demo_data import (
     TYPE_PAIRS,
     DemoDataConfig,
     generate_demo,
+    run,
 )
 from morer1.errors import BadInputError
 from morer1.labels import DEFAULT_LABELS, NONE, type_pair
@@ -74,25 +76,36 @@ def pixel_box(pos, width: int, height: int) -> list[int]:
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "more"
-    generate_demo(out, DemoDataConfig(seed=3, **SMALL))
+    run(small_config(DemoDataConfig, seed=3, **SMALL), out)
     return out
 
 
 @pytest.fixture(scope="module")
 def default_summary(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("demo") / "more"
-    return out, generate_demo(out, DemoDataConfig())
+    return out, generate_demo(out, small_config(DemoDataConfig))
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path, small):
-    again = generate_demo(tmp_path / "again", DemoDataConfig(seed=3, **SMALL))
+    again = generate_demo(tmp_path / "again", small_config(DemoDataConfig, seed=3, **SMALL))
     assert files(tmp_path / "again") == files(small)
     assert again["facts"] == {s: len(read_records(small, s)) for s in SPLITS}
-    generate_demo(tmp_path / "other", DemoDataConfig(seed=4, **SMALL))
+    generate_demo(tmp_path / "other", small_config(DemoDataConfig, seed=4, **SMALL))
     other = files(tmp_path / "other")
     assert other.keys() == files(small).keys()
     assert other["txt/train.txt"] != files(small)["txt/train.txt"]
     assert other["img_org/train/demo-train-00000.jpg"] != files(small)["img_org/train/demo-train-00000.jpg"]
+
+
+def test_stage_logs_its_summary_to_its_mlflow_run(tmp_path, small):
+    from morer1 import tracking
+
+    summary = run(small_config(DemoDataConfig, seed=3, **SMALL), tmp_path / "more")
+    assert files(tmp_path / "more") == files(small)
+    mlflow = tracking.setup()
+    (logged,) = mlflow.search_runs(output_format="list")
+    assert logged.info.run_name == "demo_data" and logged.data.metrics["pairs.test"] == SMALL["test_pairs"]
+    assert logged.data.metrics["facts.train"] == summary["facts"]["train"] == len(read_records(small, "train"))
 
 
 def test_official_layout(small):
@@ -163,7 +176,7 @@ def test_objects_are_disjoint_and_filler_words_are_not_rule_words(small):
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0])
 def test_box_and_text_fractions(tmp_path, fraction):
-    generate_demo(tmp_path, DemoDataConfig(string_box_fraction=fraction, text_field_fraction=fraction, **SMALL))
+    generate_demo(tmp_path, small_config(DemoDataConfig, string_box_fraction=fraction, text_field_fraction=fraction, **SMALL))
     records = [r for s in SPLITS for r in read_records(tmp_path, s)]
     assert all(isinstance(r["t"]["pos"], tuple) for r in records)
     assert {type(v) for r in records for v in r["t"]["pos"]} == ({str} if fraction else {float})
@@ -189,13 +202,13 @@ def test_default_sizes_cover_every_type_pair_and_label(default_summary):
 
 def test_replaces_an_earlier_demo_but_nothing_else(tmp_path):
     out = tmp_path / "more"
-    generate_demo(out, DemoDataConfig(train_pairs=5, valid_pairs=1, test_pairs=1))
-    generate_demo(out, DemoDataConfig(train_pairs=2, valid_pairs=1, test_pairs=1))
+    generate_demo(out, small_config(DemoDataConfig, train_pairs=5, valid_pairs=1, test_pairs=1))
+    generate_demo(out, small_config(DemoDataConfig, train_pairs=2, valid_pairs=1, test_pairs=1))
     assert len(list((out / "img_org" / "train").iterdir())) == 2
     assert not out.with_name("more.partial").exists() and not out.with_name("more.old").exists()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(BadInputError, match="not a demo dataset"):
-        generate_demo(out, DemoDataConfig(**SMALL))
+        generate_demo(out, small_config(DemoDataConfig))
     assert (out / "notes.txt").read_text() == "mine"
 
 

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 from test_demo_data import CUE_RELATION, ENTITY_TYPE, SHAPE_TYPE, read_object
 
+from configs import small_config
 from morer1.demo_data import DemoDataConfig, generate_demo
 from morer1.files import read_jsonl
 from morer1.ingest import IngestConfig, ingest
@@ -30,7 +31,7 @@ STEPS = (
 @pytest.fixture(scope="module")
 def facts(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    generate_demo(root / "demo", DemoDataConfig(train_pairs=60, valid_pairs=1, test_pairs=1))
+    generate_demo(root / "demo", small_config(DemoDataConfig, train_pairs=60, valid_pairs=1, test_pairs=1))
     ingest(root / "demo", root / "facts", IngestConfig())
     return root / "facts", read_jsonl(root / "facts" / "train.jsonl")
 

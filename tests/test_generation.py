@@ -1,4 +1,4 @@
-"""Batched generation with the tiny Qwen2.5-VL, and difficulty estimation on top of it."""
+"""Batched generation with the tiny Qwen2.5-VL."""
 
 import json
 
@@ -6,14 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+from configs import small_config
 from morer1 import generation
-from morer1.curriculum import (
-    CurriculumConfig,
-    DifficultyConfig,
-    build_stream,
-    estimate_difficulty,
-    pool_of,
-)
 from morer1.generation import generate_completions
 from morer1.labels import DEFAULT_LABELS
 from morer1.modeling import load_model_and_processor
@@ -56,7 +50,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
     facts = _facts(root / "facts")
     texts = [prompt_text(f["text"], "Lyon", LABELS) for f in facts] + ["<think>Step 1: a</think><answer>none</answer>"]
-    build_tiny_model(root / "tiny", texts, TinyModelConfig(vocab_size=600))
+    build_tiny_model(root / "tiny", texts, small_config(TinyModelConfig, vocab_size=600))
     model, _ = load_model_and_processor(root / "tiny")
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -121,42 +115,3 @@ def test_greedy_refuses_several_sequences(tiny):
     with pytest.raises(ValueError):
         _gen(tiny, num_return_sequences=2)
     assert _gen(tiny, facts=[]) == []
-
-
-def test_estimate_difficulty_with_the_model(tiny):
-    cfg = DifficultyConfig(rollouts=2, max_new_tokens=8, batch_size=3, seed=0)
-    rows = estimate_difficulty(tiny["root"] / "tiny", tiny["root"] / "facts", cfg, LABELS)
-    assert [r["id"] for r in rows] == [f["id"] for f in tiny["facts"]]
-    for r in rows:
-        assert r["rollouts"] == 2 and 0 <= r["passes"] <= r["rollouts"] and 0.0 <= r["pass_rate"] <= 1.0
-        assert r["pass_rate"] == r["passes"] / r["rollouts"]
-    sample = estimate_difficulty(tiny["root"] / "tiny", tiny["root"] / "facts", cfg.model_copy(update={"max_samples": 3}), LABELS)
-    order = [f["id"] for f in tiny["facts"]]
-    assert len(sample) == 3 and [order.index(r["id"]) for r in sample] == sorted(order.index(r["id"]) for r in sample)
-
-
-def test_estimate_difficulty_with_a_scripted_generator(tiny, monkeypatch):
-    """Fact i answers the gold in (i mod 5) of 4 rollouts (4 means all): exact pass rates and pools."""
-    calls = {}
-
-    def scripted(model, processor, facts, facts_dir, labels, *, num_return_sequences, do_sample, temperature, **kw):
-        calls.update(k=num_return_sequences, do_sample=do_sample, temperature=temperature)
-        out = []
-        for i, fact in enumerate(facts):
-            good = f"<think>Step 1: x</think><answer>{fact['relation']}</answer>"
-            wrong = "<think>Step 1: x</think><answer>/loc/loc/contain</answer>"
-            passes = min(i % 5, 4)
-            out.append([good] * passes + [wrong] * (num_return_sequences - passes))
-        return out
-
-    monkeypatch.setattr(generation, "generate_completions", scripted)
-    cfg = DifficultyConfig(rollouts=4, temperature=0.7)
-    rows = estimate_difficulty(tiny["root"] / "tiny", tiny["root"] / "facts", cfg, LABELS)
-    assert calls == {"k": 4, "do_sample": True, "temperature": 0.7}
-    assert [r["passes"] for r in rows] == [0, 1, 2, 3, 4, 0]
-    assert [r["pass_rate"] for r in rows] == [0.0, 0.25, 0.5, 0.75, 1.0, 0.0]
-    assert [pool_of(r["passes"], r["rollouts"]) for r in rows] == ["hard", "learnable", "learnable", "learnable",
-                                                                     "solved", "hard"]
-    stream, plan = build_stream(rows, CurriculumConfig(phases=1))
-    assert plan["pool_sizes"] == {"learnable": 3, "hard": 2, "solved": 1}
-    assert all(item["pool"] == pool_of(next(r for r in rows if r["id"] == item["id"])["passes"], 4) for item in stream)

@@ -9,72 +9,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from morer1.curriculum import CurriculumConfig, DifficultyConfig
-from morer1.demo_data import DemoDataConfig
-from morer1.evaluate import EvaluateConfig
-from morer1.grpo import GRPOConfig
-from morer1.ingest import IngestConfig
-from morer1.params import load_section
-from morer1.registry import RegisterConfig
-from morer1.sft import SFTConfig
-from morer1.synthesize import SynthesizeConfig
-from morer1.tiny_model import TinyModelConfig
-from morer1.validate import ValidateConfig
+from morer1.params import SECTIONS, load_section, section_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = ROOT / "params.yaml"
 PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
 ACCELERATE = sorted((ROOT / "infra" / "accelerate").glob("*.yaml"))
-SECTIONS = {
-    "demo_data": DemoDataConfig, "ingest": IngestConfig, "synthesize": SynthesizeConfig,
-    "validate": ValidateConfig, "tiny_model": TinyModelConfig, "sft": SFTConfig,
-    "difficulty": DifficultyConfig, "curriculum": CurriculumConfig, "grpo": GRPOConfig,
-    "evaluate": EvaluateConfig, "register": RegisterConfig,
-}
 BENCHMARK = {f"benchmark-qwen2.5-vl-{size}-{mode}.yaml" for size in ("3b", "7b") for mode in ("lora", "full")}
 
 
-def test_every_section_has_a_config():
-    assert set(yaml.safe_load(PARAMS.read_text())) == set(SECTIONS)
-
-
-def test_the_four_benchmark_profiles_exist():
-    assert {p.name for p in PROFILES} >= BENCHMARK
-
-
-@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.name)
-def test_profile_is_a_complete_valid_params_file(profile):
-    data = yaml.safe_load(profile.read_text())
-    assert list(data) == list(yaml.safe_load(PARAMS.read_text())), "same sections, same order as params.yaml"
-    configs = {section: load_section(section, model, profile) for section, model in SECTIONS.items()}
-
-    for stage in ("sft", "grpo"):
-        cfg = configs[stage]
-        accelerate_config = ROOT / cfg.accelerate_config
-        assert accelerate_config.is_file(), f"{stage}.accelerate_config {cfg.accelerate_config} does not exist"
-        assert cfg.accelerate_config != "infra/accelerate/cpu.yaml" and cfg.bf16 is True
-        assert cfg.lora.enabled is profile.name.endswith("-lora.yaml")
-    assert configs["sft"].model.startswith("/") and "Qwen2.5-VL" in configs["sft"].model
-    assert configs["grpo"].model == "models/sft"
-    assert configs["synthesize"].teacher == "openai" and configs["synthesize"].max_facts is None
-    assert configs["synthesize"].openai.base_url.endswith("/v1")
-    assert configs["evaluate"].max_facts is None
-    assert configs["ingest"].source != "data/demo"
-    assert configs["register"].model_name != load_section("register", RegisterConfig, PARAMS).model_name
-
-    grpo, difficulty = configs["grpo"], configs["difficulty"]
-    from accelerate.commands.config.config_args import load_config_from_file
-
-    processes = load_config_from_file(str(ROOT / grpo.accelerate_config)).num_processes
-    completions = grpo.per_device_train_batch_size * processes * grpo.gradient_accumulation_steps
-    assert completions % grpo.num_generations == 0, "TRL: batch x processes x accumulation must divide by the group"
-    assert (difficulty.rollouts, difficulty.temperature, difficulty.max_new_tokens) == (
-        grpo.num_generations, grpo.temperature, grpo.max_completion_length)
-
-
 def test_demo_params_still_load():
-    for section, model in SECTIONS.items():
-        load_section(section, model, PARAMS)
+    for section in SECTIONS:
+        load_section(section, section_config(section), PARAMS)
 
 
 @pytest.mark.parametrize("config", ACCELERATE, ids=lambda p: p.name)

@@ -18,6 +18,7 @@ from morer1.ingest import (
     ingest,
     pixel_box,
     report_rejects,
+    run,
 )
 
 CFG = IngestConfig(max_reject_fraction=1.0, box_tolerance=0.02)
@@ -333,8 +334,45 @@ def test_cli_reports_rejects_as_file_line_reason(tmp_path):
                            str(tmp_path / "out"), "--max-reject-fraction", "0.9"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert f"{src / 'txt' / 'train.txt'}:2: not a Python literal" in proc.stderr
+    assert "src/txt/train.txt:2: not a Python literal" in proc.stderr  # the source inside cwd: named relative to it
     proc = subprocess.run([sys.executable, "-m", "morer1", "ingest", "--source", str(src), "--output",
                            str(tmp_path / "out"), "--max-reject-fraction", "0.1"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and "more than ingest.max_reject_fraction=10.0%" in proc.stderr
+
+
+def test_outputs_are_the_same_bytes_wherever_the_project_lives(tmp_path, monkeypatch):
+    """The source is recorded relative to the working directory (the project) when inside it, as given otherwise."""
+    lines = {"train": [repr(fact("a.jpg", (0.5, 0.5, 0.2, 0.2))), "[1, 2"]}
+    outputs = []
+    for project, source in ((tmp_path / "one", "src"), (tmp_path / "two" / "deeper", None)):
+        src = write_more(project / "src", lines, IMAGES)
+        monkeypatch.chdir(project)
+        summary = ingest(source or src, "out", CFG)  # relative, and absolute inside the project
+        assert summary["source"] == "src"
+        assert read_jsonl(project / "out" / "rejects.jsonl")[0]["file"] == "src/txt/train.txt"
+        outputs.append(_snapshot(project / "out"))
+    assert outputs[0] == outputs[1]
+    elsewhere = write_more(tmp_path / "elsewhere", lines, IMAGES)
+    assert ingest(elsewhere, "out2", CFG)["source"] == str(elsewhere)  # outside the project: as given
+
+
+def test_stage_logs_summary_rejects_and_splits_and_a_failed_run_its_rejects(tmp_path):
+    from morer1 import tracking
+
+    good = repr(fact("a.jpg", (0.5, 0.5, 0.2, 0.2)))
+    src = write_more(tmp_path / "src", {"train": [good, good, "[1, 2"]}, IMAGES)
+    summary = run(IngestConfig(source=str(src), max_reject_fraction=0.5), tmp_path / "out")
+    assert summary["facts"]["train"] == 2 and summary["rejects"] == 1
+    with pytest.raises(RejectFractionExceeded):
+        run(IngestConfig(source=str(src), max_reject_fraction=0.1), tmp_path / "out")
+    mlflow = tracking.setup()
+    failed, ok = mlflow.search_runs(output_format="list", order_by=["attributes.start_time DESC"])
+    assert (ok.info.status, failed.info.status) == ("FINISHED", "FAILED")
+    assert ok.data.metrics["facts.train"] == 2 and ok.data.metrics["reject_reasons.not_a_literal"] == 1
+    client = mlflow.MlflowClient()
+    assert {a.path for a in client.list_artifacts(ok.info.run_id)} == {"summary.json", "rejects.jsonl"}
+    assert {i.dataset.name for i in client.get_run(ok.info.run_id).inputs.dataset_inputs} == {
+        "facts-train", "facts-dev", "facts-test"}
+    assert {a.path for a in client.list_artifacts(failed.info.run_id)} == {"out.rejects.jsonl"}
+

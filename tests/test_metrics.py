@@ -334,3 +334,10 @@ def test_write_metrics_files_by_split(tmp_path, m):
         write_metrics_files({"../x": test_m}, tmp_path)
     with pytest.raises(ValueError):
         write_metrics_files({"dev": {"f1": 1.0}}, tmp_path)
+
+
+def test_write_metrics_files_adds_extra_entries_in_one_write(tmp_path, m):
+    write_metrics_files({"dev": m}, tmp_path, extra={"candidates": {"sft": {"dev_f1": 0.5}}})
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(data) == {"dev", "candidates"} and data["candidates"]["sft"]["dev_f1"] == 0.5
+    assert not list(tmp_path.glob("*.tmp"))

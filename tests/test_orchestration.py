@@ -7,6 +7,7 @@ import pytest
 import yaml
 from test_pipeline_e2e import REPO
 
+from morer1.errors import BadInputError
 from morer1.orchestrate import summary_markdown
 
 
@@ -74,17 +75,101 @@ def test_summary_shows_metrics_and_promotion_of_the_stages_that_succeeded(tmp_pa
     assert "| validate | failed | – |" in text and "Evaluation" not in text and "Registry" not in text
 
 
-def test_apply_profile_swaps_params_and_keeps_the_previous_one(tmp_path, monkeypatch):
-    from morer1.errors import BadInputError
-    from morer1.orchestrate import apply_profile
+def test_summary_of_a_profile_run_names_the_experiment_not_the_workspace_reports(tmp_path):
+    _write_reports(tmp_path)  # the workspace's reports: not the experiment's
+    done = [{"stage": "evaluate", "status": "ran", "seconds": None}]
+    exp = {"profile": "big", "experiment": "big-20250101-000000", "rev": "0123456789abcdef"}
+    text = summary_markdown(tmp_path, done, "abc123", "1", exp)
+    assert "DVC experiment `big-20250101-000000` (`0123456`)" in text and "dvc exp apply big-20250101-000000" in text
+    assert "| evaluate | ran | – |" in text and "Evaluation" not in text and "Registry" not in text
 
-    monkeypatch.setenv("MORER1_STATE_DIR", str(tmp_path / "state"))
-    (tmp_path / "profiles").mkdir()
-    (tmp_path / "profiles" / "big.yaml").write_text("sft: {max_steps: 9}\n")
-    (tmp_path / "params.yaml").write_text("sft: {max_steps: 1}\n")
-    backup = apply_profile(tmp_path, "big")
-    assert (tmp_path / "params.yaml").read_text() == "sft: {max_steps: 9}\n"
-    assert backup.read_text() == "sft: {max_steps: 1}\n" and backup.parent == tmp_path / "state" / "params-backups"
-    assert apply_profile(tmp_path, "big") is None  # already in place: nothing to back up
-    with pytest.raises(BadInputError, match="no such params profile; profiles: big"):
-        apply_profile(tmp_path, "huge")
+
+# --- DVC state, not log text: a toy DVC project ------------------------------------------------------------------
+
+TOY_PARAMS = """\
+# toy params: the comments and layout must survive a profile run
+a:
+  x: 1      # the value a profile changes
+  lr: 0.002
+  names: [p, q]
+b:
+  y: hello
+  nested: {k: 2}
+"""
+# listed out of dependency order: the order must come from DVC's graph, not the file
+TOY_DVC = """\
+stages:
+  second:
+    cmd: python -c "import json, yaml; p = yaml.safe_load(open('params.yaml'))['b']; import sys; p['y'] == 'fail' and sys.exit(3); json.dump([p, json.load(open('first.json'))], open('second.json', 'w'))"
+    deps: [first.json]
+    params: [b]
+    outs: [second.json]
+  first:
+    cmd: python -c "import json, yaml; json.dump(yaml.safe_load(open('params.yaml'))['a'], open('first.json', 'w'))"
+    params: [a]
+    outs: [first.json]
+  lonely:
+    cmd: python -c "open('lonely.txt', 'w').write('x')"
+    outs: [lonely.txt]
+"""
+
+
+def toy_project(root, dvc_yaml: str = TOY_DVC, params: str = TOY_PARAMS):
+    """A committed git + DVC project with a two-stage pipeline and a stage on its own."""
+    import subprocess
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dvc.yaml").write_text(dvc_yaml)
+    (root / "params.yaml").write_text(params)
+    (root / ".gitignore").write_text("/.state/\n")
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=root, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-qm", "toy"], cwd=root, check=True)
+    return root
+
+
+def test_plan_follows_dvc_graph_and_status_then_repro_reports_dvc_outcome(tmp_path):
+    from morer1.orchestrate import StageFailed, dvc_stages, plan_pipeline, repro_stage
+
+    project = toy_project(tmp_path / "toy")
+    assert dvc_stages(project) == ["first", "second", "lonely"]
+    plan = plan_pipeline(project)
+    assert plan.stages == ["first", "second", "lonely"] and plan.changed == {"first", "second", "lonely"}
+    assert plan.upstream == {"first": set(), "second": {"first"}, "lonely": set()}
+    assert repro_stage(project, "first").status == "ran"
+    assert repro_stage(project, "first").status == "skipped"  # DVC's answer, not its log
+    assert repro_stage(project, "second").status == "ran"
+    assert repro_stage(project, "lonely").status == "ran"
+
+    plan = plan_pipeline(project)
+    assert plan.changed == set() and not any(plan.needs_run(s, set()) for s in plan.stages)  # a no-op run
+    params = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(params.replace("x: 1 ", "x: 5 "))
+    plan = plan_pipeline(project, ["second", "first"])
+    assert plan.stages == ["first", "second"] and plan.changed == {"first"}
+    assert plan.needs_run("first", set()) and plan.needs_run("second", {"first"}) and not plan.needs_run("second", set())
+    with pytest.raises(BadInputError, match="no such stage: third"):
+        plan_pipeline(project, ["third"])
+
+    (project / "params.yaml").write_text(params.replace("y: hello", "y: fail"))  # `second` exits with 3
+    with pytest.raises(StageFailed) as failed:
+        repro_stage(project, "second")
+    assert failed.value.exit_code == 3 and not failed.value.transient and "exited with 3" in failed.value.log_tail
+
+
+def test_exit_code_recorded_by_the_command_wins_over_the_launcher_s(tmp_path):
+    """`accelerate launch` turns every failure into exit code 1: the code the morer1 CLI records is used instead."""
+    from morer1.orchestrate import StageFailed, repro_stage
+
+    project = toy_project(tmp_path / "toy", dvc_yaml="""\
+stages:
+  gate:
+    cmd: python -c "from morer1.errors import record_exit; record_exit(3, 'gate failed'); raise SystemExit(1)"
+    outs: [never.txt]
+""")
+    with pytest.raises(StageFailed) as failed:
+        repro_stage(project, "gate")
+    assert failed.value.exit_code == 3 and "data validation failed" in str(failed.value)

@@ -21,18 +21,20 @@ SMALL = {"demo_data": {"train_pairs": 16, "valid_pairs": 6, "test_pairs": 6},
          "synthesize": {"max_facts": 16},
          "tiny_model": {"vocab_size": 800},
          "sft": {"max_steps": 4, "save_steps": 2, "logging_steps": 1, "dev_f1_max_new_tokens": 8},
-         "difficulty": {"rollouts": 2, "max_new_tokens": 8, "max_samples": 4},
+         "difficulty": {"max_samples": 4},
+         "rollout": {"num_generations": 2, "max_completion_length": 8},
          "curriculum": {"phases": 2},
-         "grpo": {"max_completion_length": 8, "num_generations": 2, "per_device_train_batch_size": 2},
+         "grpo": {"per_device_train_batch_size": 2},
          "evaluate": {"max_facts": 6, "max_new_tokens": 8},
          "register": {"max_new_tokens": 8}}
 LEARNABLE = {"demo_data": {"train_pairs": 400, "valid_pairs": 24, "test_pairs": 12, "entities_per_title": [1, 1],
                       "objects_per_image": [2, 3]},
         "synthesize": {"max_facts": None},
         "sft": {"max_steps": 1200, "save_steps": 600, "logging_steps": 20, "dev_f1_every": 600, "dev_f1_samples": 16},
-        "difficulty": {"rollouts": 2, "max_samples": 8},
+        "difficulty": {"max_samples": 8},
+        "rollout": {"num_generations": 2},
         "curriculum": {"phases": 2},
-        "grpo": {"num_generations": 2, "per_device_train_batch_size": 2, "max_steps": 3},
+        "grpo": {"per_device_train_batch_size": 2, "max_steps": 3},
         "evaluate": {"max_facts": 48},
         "register": {"max_new_tokens": 8}}
 
@@ -78,7 +80,8 @@ def test_flow_runs_every_stage_nested_in_one_mlflow_run_then_nothing_to_do(tmp_p
     stages = list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
     summary = json.loads((project / "data" / "ingested" / "summary.json").read_text())
     assert summary["rejects"] == 0 and all(n > 0 for n in summary["facts"].values())
-    assert json.loads((project / "data" / "validation" / "report.json").read_text())["success"] is True
+    for gate in ("facts", "sft"):
+        assert json.loads((project / "data" / "validation" / gate / "report.json").read_text())["success"] is True
     sft = json.loads((project / "models" / "sft" / "sft_summary.json").read_text())
     assert sft["steps"] == 1200 and sft["last_logged_loss"] < sft["first_logged_loss"] / 5
 
@@ -88,7 +91,7 @@ def test_flow_runs_every_stage_nested_in_one_mlflow_run_then_nothing_to_do(tmp_p
     parent = parents[0]
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == set(stages)
-    assert children["ingest"].data.metrics["facts_train"] == summary["facts"]["train"]
+    assert children["ingest"].data.metrics["facts.train"] == summary["facts"]["train"]
     assert "train_loss" in children["sft"].data.metrics  # the trainer logged into the stage's nested run
     assert "rewards/format/mean" in children["grpo"].data.metrics and "planned_share_hard" in children["curriculum"].data.metrics
     assert (project / "models" / "grpo" / "model.safetensors").exists()
@@ -125,7 +128,7 @@ def test_flow_runs_every_stage_nested_in_one_mlflow_run_then_nothing_to_do(tmp_p
     proc = _flow(project, tmp_path)
     assert proc.returncode != 0
     log = proc.stdout + proc.stderr
-    assert "stage 'validate' failed (data validation failed)" in log
-    assert log.count("Task run 'dvc-validate") <= 2 and "Retrying" not in log  # no retry of a failed gate
+    assert "stage 'validate_facts' failed (data validation failed)" in log
+    assert log.count("Task run 'dvc-validate_facts") <= 2 and "Retrying" not in log  # no retry of a failed gate
     failed = [r for r in _runs(project) if r.info.run_name == "pipeline" and r.info.status == "FAILED"]
-    assert len(failed) == 1 and failed[0].data.tags["morer1.failed_stage"] == "validate"
+    assert len(failed) == 1 and failed[0].data.tags["morer1.failed_stage"] == "validate_facts"

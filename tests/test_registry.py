@@ -1,8 +1,10 @@
-"""Registry: the pyfunc round trip, challenger/champion promotion, predict helpers, and a real `mlflow models serve`."""
+"""Register and serve: the register stage from chosen.json, the pyfunc round trip, challenger/champion promotion,
+predict helpers, and a real `mlflow models serve`."""
 
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,15 +19,19 @@ from mlflow import MlflowClient
 from PIL import Image
 from servers import free_port, listening, stop_group
 
-from morer1 import registry
+from configs import small_config
+from morer1 import evaluate, registry, serve
 from morer1.errors import BadInputError
+from morer1.evaluate import EvaluateConfig
+from morer1.files import folder_sha256
 from morer1.labels import DEFAULT_LABELS
-from morer1.predict import predict_jsonl, predict_one
 from morer1.prompt import prompt_text
 from morer1.registry import CHALLENGER, CHAMPION, RegisterConfig
+from morer1.serve import predict_jsonl, predict_one
 from morer1.tiny_model import TinyModelConfig, build_tiny_model
 
-CFG = RegisterConfig(max_new_tokens=6, batch_size=2)
+CFG = small_config(RegisterConfig, max_new_tokens=6, batch_size=2)
+EVAL = small_config(EvaluateConfig, max_new_tokens=8, batch_size=2)  # how the tests' challengers were "evaluated"
 CORPUS = [
     prompt_text("Angela Merkel speaks in Berlin", "Berlin", DEFAULT_LABELS),
     "<think>\nStep 1: A person on a stage.\nStep 6: She governs from Berlin.\n</think>\n"
@@ -38,7 +44,7 @@ OUTPUT = ["label", "rationale", "completion"]
 def tiny(tmp_path_factory):
     """(model folder, labels.json, photo path) of one tiny model built for the module."""
     root = tmp_path_factory.mktemp("tiny")
-    build_tiny_model(root / "model", CORPUS, TinyModelConfig(vocab_size=600))
+    build_tiny_model(root / "model", CORPUS, small_config(TinyModelConfig, vocab_size=600))
     (root / "labels.json").write_text(json.dumps(list(DEFAULT_LABELS)))
     Image.new("RGB", (96, 64), (200, 30, 30)).save(root / "photo.png")
     return root / "model", root / "labels.json", root / "photo.png"
@@ -64,67 +70,147 @@ def _tracking(store, monkeypatch):
     monkeypatch.delenv("MORER1_EXPERIMENT", raising=False)
 
 
+def chosen_json(folder: Path, model_dir: Path, metrics: dict, dev: evaluate.DevSet) -> Path:
+    """A chosen.json as evaluate writes it, for `model_dir` scored on `dev` with EVAL."""
+    path = folder / "chosen.json"
+    path.write_text(json.dumps({"model_dir": str(model_dir), "model_sha256": folder_sha256(model_dir),
+                                "selection_metric": "f1", "labels": list(DEFAULT_LABELS), "dev_set": dev.sha256,
+                                "dev_eval": evaluate.dev_eval(EVAL), "metrics": metrics}))
+    return path
+
+
+def write_dev(root: Path, relations: list[str], shade: int) -> Path:
+    """An ingested folder with only what promotion reads: labels.json and a dev split over one photo, with crops."""
+    (root / "images").mkdir(parents=True)
+    (root / "crops").mkdir()
+    Image.new("RGB", (96, 64), (shade, 30, 30)).save(root / "images" / "a.jpg")
+    facts = []
+    for i, relation in enumerate(relations):
+        Image.new("RGB", (20 + i, 20), (shade, 10 * i, 0)).save(root / "crops" / f"dev-{i}.png")
+        facts.append({"id": f"dev-{i:06d}", "split": "dev", "image": "images/a.jpg", "width": 96, "height": 64,
+                      "text": "Angela Merkel speaks in Berlin", "tokens": [],
+                      "entity": {"name": "Berlin", "start": 4, "end": 5},
+                      "object": {"name": "o", "box": [0, 0, 20 + i, 20], "crop": f"crops/dev-{i}.png"},
+                      "relation": relation, "pair_entities": 1 + i % 2, "pair_objects": 1})
+    (root / "dev.jsonl").write_text("".join(json.dumps(f) + "\n" for f in facts))
+    (root / "labels.json").write_text(json.dumps(list(DEFAULT_LABELS)))
+    return root
+
+
 @pytest.fixture(scope="module")
-def registered(store, tiny):
-    """Version 1 of `morer1`, logged and registered once for the module."""
-    model_dir, labels, _ = tiny
-    return registry.register_model(model_dir, labels, CFG, {"dev_f1": 0.5, "test_f1": 0.4}, {"purpose": "test"})
+def data(tmp_path_factory):
+    """Two data versions: v1 (last month's dev set) and v2 (this month's, other facts), as (folder, DevSet)."""
+    root = tmp_path_factory.mktemp("data")
+    v1 = write_dev(root / "v1", ["/per/loc/place_of_governance", "none", "/org/loc/locate_at"], 200)
+    v2 = write_dev(root / "v2", ["none", "/per/loc/place_of_governance", "none", "/per/per/partner"], 90)
+    return {name: (folder, evaluate.dev_set(folder, EVAL.max_facts, EVAL.seed)) for name, folder in
+            (("v1", v1), ("v2", v2))}
+
+
+@pytest.fixture(scope="module")
+def registered(store, tiny, data, tmp_path_factory):
+    """Version 1 of `morer1`, registered once for the module by the register stage on data v1 (and so promoted)."""
+    root = tmp_path_factory.mktemp("register")
+    summary = registry.run(CFG.model_copy(update={"facts": str(data["v1"][0])}),
+                           chosen_json(root, tiny[0], {"dev_f1": 0.5, "test_f1": 0.4}, data["v1"][1]), root / "out")
+    assert json.loads((root / "out" / "registered.json").read_text()) == summary
+    return MlflowClient().get_model_version(CFG.model_name, summary["version"])
 
 
 def rows(photo: Path) -> pd.DataFrame:
-    """Three questions: a path, base64 bytes and a data URI."""
+    """Three questions: base64 bytes, a data URI and base64 in lines of 76 (a served model reads no paths)."""
     encoded = base64.b64encode(photo.read_bytes()).decode("ascii")
-    images = [str(photo), encoded, f"data:image/png;base64,{encoded}"]
+    images = [encoded, f"data:image/png;base64,{encoded}", base64.encodebytes(photo.read_bytes()).decode("ascii")]
     return pd.DataFrame([{"image": image, "title": "Angela Merkel speaks in Berlin", "entity": "Berlin",
                           "box": [10, 8, 50, 40]} for image in images])
 
 
-def add_version(registered, name: str, dev_f1: float | None) -> str:
-    """Register the module's logged model again under `name` (as challenger) with a given dev_f1 tag."""
+def add_version(registered, name: str, dev_f1: float | None, dev: evaluate.DevSet | None) -> str:
+    """Register the module's logged model again under `name` (as challenger) with a given dev_f1 tag, scored on `dev`
+    with EVAL (None: no dev set recorded, as versions registered before they were)."""
     metrics = {} if dev_f1 is None else {"dev_f1": dev_f1}
-    return str(registry.register_version(registered.source, RegisterConfig(model_name=name),
-                                         metrics, {}).version)
+    return str(registry.register_version(registered.source, small_config(RegisterConfig, model_name=name),
+                                         metrics, registry.dev_tags({"dev_set": dev.sha256, "dev_eval": evaluate.dev_eval(EVAL)})
+                                         if dev else {}).version)
 
 
 def aliases(name: str) -> dict[str, str]:
     return {alias: str(v) for alias, v in MlflowClient().get_registered_model(name).aliases.items()}
 
 
-def test_register_tags_version_and_sets_challenger(registered):
-    assert registered.aliases == [CHALLENGER]
+def test_register_tags_version_and_promotes_the_first(registered, tiny, data):
+    assert sorted(registered.aliases) == [CHALLENGER, CHAMPION]
     tags = registered.tags
     assert {"git_commit", "dvc_lock_sha256", "data_version"} <= set(tags)
-    assert (tags["dev_f1"], tags["test_f1"], tags["purpose"]) == ("0.5", "0.4", "test")
+    assert tags["dev_set"] == data["v1"][1].sha256 and json.loads(tags["dev_eval"]) == {
+        "max_facts": None, "seed": 0, "max_new_tokens": 8, "batch_size": 2}
+    assert (tags["dev_f1"], tags["test_f1"]) == ("0.5", "0.4") and tags["promotion.decision"] == "promoted"
+    assert (tags["model_dir"], tags["model_sha256"]) == (str(tiny[0]), folder_sha256(tiny[0]))
     run = mlflow.get_run(registered.run_id)
-    assert run.data.metrics == {"dev_f1": 0.5, "test_f1": 0.4} and run.data.tags["morer1.stage"] == "register"
+    assert (run.data.metrics["dev_f1"], run.data.metrics["test_f1"]) == (0.5, 0.4)
+    assert run.data.tags["morer1.stage"] == "register" and run.data.tags["morer1.promotion"] == "promoted"
+    assert run.data.params["register.model_name"] == CFG.model_name
+
+
+def test_register_refuses_a_model_changed_since_evaluate(tiny, data, tmp_path):
+    (tmp_path / "model").mkdir()
+    for path in tiny[0].iterdir():
+        (tmp_path / "model" / path.name).write_bytes(path.read_bytes())
+    chosen = chosen_json(tmp_path, tmp_path / "model", {"dev_f1": 0.5}, data["v1"][1])
+    (tmp_path / "model" / "config.json").write_text((tiny[0] / "config.json").read_text() + " ")
+    with pytest.raises(BadInputError, match="changed since evaluate scored it"):
+        registry.run(small_config(RegisterConfig, model_name="changed"), chosen, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_versions_registered_before_the_move_still_load():
+    """Their pickle names morer1.registry.MorePredictor."""
+    assert registry.MorePredictor is serve.MorePredictor
 
 
 def test_pyfunc_round_trip_matches_the_model_folder(registered, tiny):
     model = mlflow.pyfunc.load_model(f"models:/{CFG.model_name}@{CHALLENGER}")
-    assert model.model_config == {"max_new_tokens": 6, "batch_size": 2}
+    assert model.model_config == serve.ServeConfig(max_new_tokens=6, batch_size=2).model_dump()
     frame = rows(tiny[2])
     served = model.predict(frame)
     assert list(served.columns) == OUTPUT and len(served) == 3
     assert served["completion"].nunique() == 1  # one image three ways, greedy
-    local = registry.predict(tiny[0], frame, labels_path=tiny[1], model_config={"max_new_tokens": 6})
+    local = serve.predict(tiny[0], frame, labels_path=tiny[1], model_config={"max_new_tokens": 6})
     assert local["completion"].tolist() == served["completion"].tolist()
 
 
-def test_register_refuses_metrics_without_the_compared_one(tiny):
+def test_register_refuses_metrics_without_the_compared_one(tiny, data, tmp_path):
     with pytest.raises(BadInputError, match="lack 'dev_f1'"):
-        registry.register_model(tiny[0], tiny[1], CFG, {"test_f1": 0.4}, {})
+        registry.run(CFG.model_copy(update={"facts": str(data["v1"][0])}),
+                     chosen_json(tmp_path, tiny[0], {"test_f1": 0.4}, data["v1"][1]), tmp_path / "out")
+
+
+def test_dev_set_fingerprint_follows_what_the_dev_metrics_depend_on(data, tmp_path):
+    folder, dev = data["v1"]
+    assert dev.sha256 == evaluate.dev_set(folder, None, 0).sha256 and len(dev.facts) == 3
+    assert dev.sha256 != data["v2"][1].sha256
+    assert evaluate.dev_set(folder, 2, 0).sha256 != dev.sha256  # evaluate's seeded sample: other facts scored
+    copy = tmp_path / "v1"
+    shutil.copytree(folder, copy)
+    assert evaluate.dev_set(copy, None, 0).sha256 == dev.sha256  # content, not place
+    Image.new("RGB", (21, 20), (1, 2, 3)).save(copy / "crops" / "dev-1.png")  # one crop redrawn
+    assert evaluate.dev_set(copy, None, 0).sha256 != dev.sha256
+    (copy / "crops" / "dev-1.png").unlink()
+    with pytest.raises(BadInputError, match="dev-1.png: missing"):
+        evaluate.dev_set(copy, None, 0)
 
 
 @pytest.mark.parametrize(("row", "message"), [
     ({"box": [10, 8, 200, 40]}, r"row 0: box \[10, 8, 200, 40\] is empty or leaves the 96x64 image"),
     ({"box": [10, 8, 50]}, "row 0: box must be four integers"),
-    ({"image": "no/such/file.png"}, "row 0: image 'no/such/file.png' is neither an image file nor base64"),
+    ({"image": "no/such/file.png"}, "row 0: image 'no/such/file.png' is not base64-encoded image bytes"),
     ({"entity": " "}, "row 0: entity must be a non-empty string"),
 ])
 def test_bad_rows_are_named(tiny, row, message):
-    predictor = registry.MorePredictor()
+    predictor = serve.MorePredictor()
     predictor.model = predictor.processor = None  # never reached: rows are checked before generation
     predictor.labels, predictor.max_new_tokens, predictor.batch_size = DEFAULT_LABELS, 4, 2
+    predictor.cfg = serve.ServeConfig(max_new_tokens=4, batch_size=2)
     frame = rows(tiny[2]).iloc[:1].assign(**{k: [v] for k, v in row.items()})
     with pytest.raises(BadInputError, match=message):
         predictor.predict(frame)
@@ -133,12 +219,12 @@ def test_bad_rows_are_named(tiny, row, message):
 def test_first_challenger_becomes_champion_then_no_op(registered):
     name = "first"
     with pytest.raises(BadInputError, match="no 'challenger' version"):
-        registry.promote(RegisterConfig(model_name=name))
-    version = add_version(registered, name, 0.5)
-    decision = registry.promote(RegisterConfig(model_name=name))
+        registry.promote(small_config(RegisterConfig, model_name=name))
+    version = add_version(registered, name, 0.5, None)
+    decision = registry.promote(small_config(RegisterConfig, model_name=name))
     assert (decision["decision"], decision["reason"]) == ("promoted", "no champion yet")
     assert aliases(name) == {CHALLENGER: version, CHAMPION: version}
-    again = registry.promote(RegisterConfig(model_name=name))
+    again = registry.promote(small_config(RegisterConfig, model_name=name))
     assert again["decision"] == "already_champion" and aliases(name)[CHAMPION] == version
 
 
@@ -148,34 +234,112 @@ def test_first_challenger_becomes_champion_then_no_op(registered):
     (0.50, 0.503, "kept"),  # better, within the margin
     (0.50, None, "kept"),  # challenger without the metric
 ], ids=["better", "worse", "tie", "no-metric"])
-def test_promotion_decision(registered, champion, challenger, expected):
+def test_promotion_decision(registered, data, champion, challenger, expected, monkeypatch):
+    """Champion and challenger scored on one dev set with one setting: their tags are compared, nothing re-scored."""
     name = f"case-{str(challenger).replace('.', '_')}"
-    old = add_version(registered, name, champion)
-    registry.promote(RegisterConfig(model_name=name))
-    new = add_version(registered, name, challenger)
-    decision = registry.promote(RegisterConfig(model_name=name))
+    old = add_version(registered, name, champion, data["v1"][1])
+    registry.promote(small_config(RegisterConfig, model_name=name))
+    new = add_version(registered, name, challenger, data["v1"][1])
+    monkeypatch.setattr(evaluate, "predict_facts", lambda *a: pytest.fail("same data: nothing to re-score"))
+    decision = registry.promote(small_config(RegisterConfig, model_name=name, facts="no/such/folder"))
     assert decision["decision"] == expected
+    if challenger is not None:
+        assert decision["champion_scored"] == "tag, same data" and "(tag, same data)" in decision["reason"]
+        assert decision["challenger_dev_set"] == decision["champion_dev_set"] == data["v1"][1].sha256
     assert aliases(name)[CHAMPION] == (new if expected == "promoted" else old)
     tags = MlflowClient().get_model_version(name, new).tags
     assert tags["promotion.decision"] == expected and tags["promotion.reason"] == decision["reason"]
-    assert tags["promotion.champion_value"] == "0.5" and tags["promotion.champion_version"] == old
+    assert tags["promotion.champion_tag_value"] == "0.5" and tags["promotion.champion_version"] == old
+    assert tags["promotion.champion_value"] == ("0.5" if challenger is not None else "None")  # the number compared
     assert tags["promotion.challenger_value"] == str(challenger) and tags["promotion.timestamp"]
 
 
-def test_failed_promotion_keeps_the_champion(registered, monkeypatch):
+def test_failed_promotion_keeps_the_champion(registered, data, monkeypatch):
     name = "failing"
-    old = add_version(registered, name, 0.5)
-    registry.promote(RegisterConfig(model_name=name))
-    new = add_version(registered, name, 0.9)
+    old = add_version(registered, name, 0.5, data["v1"][1])
+    registry.promote(small_config(RegisterConfig, model_name=name))
+    new = add_version(registered, name, 0.9, data["v1"][1])
 
     def broken(self, name, alias, version):
         raise RuntimeError("registry down")
 
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", broken)
     with pytest.raises(RuntimeError, match="registry down"):
-        registry.promote(RegisterConfig(model_name=name))
+        registry.promote(small_config(RegisterConfig, model_name=name))
     assert aliases(name)[CHAMPION] == old
     assert "promotion.decision" not in MlflowClient().get_model_version(name, new).tags
+
+
+def direct_f1(model_dir: Path, folder: Path) -> float:
+    """The dev F1 of `model_dir` on the dev facts of `folder`, evaluated as the evaluate stage does with EVAL."""
+    dev = evaluate.dev_set(folder, EVAL.max_facts, EVAL.seed)
+    scored = evaluate.predict_facts(model_dir, dev.facts, folder, dev.labels, EVAL)
+    return evaluate.score(scored, dev.labels, [f["relation"] for f in dev.facts], EVAL.seed)["f1"]
+
+
+def test_champion_of_other_data_is_rescored_on_the_challengers_dev_set(registered, tiny, data, tmp_path,
+                                                                       monkeypatch):
+    """Champion scored 0.9 on v1's dev set, challenger 0.3 on v2's: tag against tag would keep the champion; the
+    champion's registered model scored on v2's dev facts is what the challenger is compared with."""
+    name, (v2, dev2) = "drift", data["v2"]
+    champion = add_version(registered, name, 0.9, data["v1"][1])
+    registry.promote(small_config(RegisterConfig, model_name=name))
+    expected = direct_f1(tiny[0], v2)
+    # the challenger: another model folder (a copy of the tiny model with one more file), on data v2
+    shutil.copytree(tiny[0], tmp_path / "challenger")
+    (tmp_path / "challenger" / "NOTE").write_text("challenger")
+    calls, original = [], evaluate.predict_facts
+
+    def spy(model_dir, facts, facts_dir, labels, cfg):
+        calls.append((folder_sha256(model_dir), [f["id"] for f in facts], Path(facts_dir), cfg))
+        return original(model_dir, facts, facts_dir, labels, cfg)
+
+    monkeypatch.setattr(evaluate, "predict_facts", spy)
+    summary = registry.run(small_config(RegisterConfig, model_name=name, facts=str(v2)),
+                           chosen_json(tmp_path, tmp_path / "challenger", {"dev_f1": 0.3, "dev_n": 4}, dev2),
+                           tmp_path / "out")
+    decision, new = summary["promotion"], summary["version"]
+    # one evaluation: the champion's registered model (not the challenger's folder) on v2's dev facts, with EVAL
+    assert calls == [(folder_sha256(tiny[0]), [f["id"] for f in dev2.facts], v2, EVAL)]
+    assert decision["champion_value"] == expected and decision["champion_tag_value"] == 0.9
+    assert decision["champion_scored"] == (f"re-scored on dev set {dev2.sha256[:12]} (4 facts of {v2}; data version "
+                                           f"{decision['challenger_data_version']})")
+    assert (decision["challenger_dev_set"], decision["champion_dev_set"]) == (dev2.sha256, data["v1"][1].sha256)
+    assert decision["challenger_data_version"] and decision["champion_data_version"]
+    assert decision["decision"] == "promoted" and decision["reason"] == (
+        f"dev_f1 0.3000 beats champion {expected:.4f} ({decision['champion_scored']}) by more than 0.005")
+    assert aliases(name) == {CHALLENGER: new, CHAMPION: new}
+    assert json.loads((tmp_path / "out" / "registered.json").read_text())["promotion"] == decision
+    tags = MlflowClient().get_model_version(name, new).tags
+    assert tags["promotion.champion_value"] == str(expected) and tags["promotion.champion_tag_value"] == "0.9"
+    assert tags["promotion.champion_scored"] == decision["champion_scored"]
+    assert (tags["promotion.challenger_dev_set"], tags["promotion.champion_dev_set"]) == (
+        dev2.sha256, data["v1"][1].sha256)
+    assert MlflowClient().get_model_version(name, champion).tags[f"rescored.{dev2.sha256[:12]}.dev_f1"] == repr(expected)
+
+
+@pytest.mark.parametrize("case", ["facts-missing", "other-facts", "challenger-records-none"])
+def test_promotion_refuses_what_it_cannot_score_on_one_dev_set(registered, data, tmp_path, case, monkeypatch):
+    """`morer1 promote` where the challenger's dev facts are not (a machine without the data, or another data
+    version), or for a challenger that records no dev set: refused with the reason; the champion stays."""
+    name = f"refuse-{case}"
+    old = add_version(registered, name, 0.5, data["v1"][1])
+    registry.promote(small_config(RegisterConfig, model_name=name))
+    new = add_version(registered, name, 0.9, None if case == "challenger-records-none" else data["v2"][1])
+    facts = {"facts-missing": tmp_path / "absent", "other-facts": data["v1"][0],
+             "challenger-records-none": data["v2"][0]}[case]
+    monkeypatch.setattr(evaluate, "predict_facts", lambda *a: pytest.fail("no evaluation may run"))
+    decision = registry.promote(small_config(RegisterConfig, model_name=name, facts=str(facts)))
+    assert decision["decision"] == "refused" and aliases(name)[CHAMPION] == old
+    assert decision["champion_value"] is None and decision["champion_scored"] is None
+    assert decision["challenger_value"] == 0.9 and decision["champion_tag_value"] == 0.5
+    why = {"facts-missing": f"{facts / 'dev.jsonl'}: missing",
+           "other-facts": f"{facts} holds dev set {data['v1'][1].sha256[:12]}, not the challenger's "
+                          f"{data['v2'][1].sha256[:12]}",
+           "challenger-records-none": f"challenger version {new} records no dev set"}[case]
+    assert why in decision["reason"] and "unlike dev_f1 numbers are not compared" in decision["reason"]
+    tags = MlflowClient().get_model_version(name, new).tags
+    assert tags["promotion.decision"] == "refused" and tags["promotion.reason"] == decision["reason"]
 
 
 def test_predict_one_and_jsonl(registered, tiny, tmp_path):
@@ -188,15 +352,15 @@ def test_predict_one_and_jsonl(registered, tiny, tmp_path):
         {"id": "b", "image": str(tiny[2]), "title": "Merkel in Berlin", "entity": "Merkel", "box": [1, 2, 3, 4]},
     ]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    assert predict_jsonl(uri, tmp_path / "in.jsonl", tmp_path / "out.jsonl") == 2
+    assert predict_jsonl(uri, tmp_path / "in.jsonl", tmp_path / "out.jsonl",
+                         allow_dirs=[tmp_path, tiny[2].parent]) == 2  # line b's photo lies outside tmp_path
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [{k: o[k] for k in lines[0]} for o in out] == lines
     assert all(set(o) == set(lines[0]) | {"label", "rationale"} for o in out)
 
 
 def test_champion_served_over_http(registered, tiny, tmp_path):
-    decision = registry.promote(CFG)
-    assert decision["decision"] in ("promoted", "already_champion") and aliases(CFG.model_name)[CHAMPION]
+    assert registry.promote(CFG)["decision"] == "already_champion" and aliases(CFG.model_name)[CHAMPION]
     port, bin_dir = free_port(), Path(sys.executable).parent
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen(  # its own process group: the uvicorn worker is stopped with it

@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from configs import small_config
 from morer1 import tracking
 from morer1.errors import BadInputError
-from morer1.sft import CheckpointMismatchError, LoraSettings, apply_lora, load_checkpoint_weights
 from morer1.tiny_model import TinyModelConfig, build_tiny_model
+from morer1.training import CheckpointMismatchError, LoraSettings, apply_lora, load_checkpoint_weights
 
 CORPUS = ["<think>Step 1: a red circle in the crop. Step 6: none.</think><answer>none</answer>",
           "Alice meets Bob in Lyon; the partner of Alice was born in Paris."]
@@ -28,8 +29,8 @@ LORA = LoraSettings(enabled=True, r=4, alpha=8)
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    build_tiny_model(root / "tiny", CORPUS, TinyModelConfig(vocab_size=600))
-    build_tiny_model(root / "wide", CORPUS, TinyModelConfig(vocab_size=600, intermediate_size=96))
+    build_tiny_model(root / "tiny", CORPUS, small_config(TinyModelConfig, vocab_size=600))
+    build_tiny_model(root / "wide", CORPUS, small_config(TinyModelConfig, vocab_size=600, intermediate_size=96))
     return root
 
 

@@ -10,6 +10,7 @@ from openai_server import FAULTS, OpenAIServer, body_key, gold_label, six_steps
 from PIL import Image
 from servers import free_port
 
+from configs import small_config
 from morer1 import cli
 from morer1.errors import EXIT_BAD_INPUT, BadInputError
 from morer1.labels import DEFAULT_LABELS, NONE
@@ -25,7 +26,7 @@ from morer1.synthesize import (
 from morer1.teacher_openai import OpenAITeacherConfig
 from morer1.teachers import template_rationale
 
-LEAK = SynthesizeConfig().leakage_phrases
+LEAK = small_config(SynthesizeConfig).leakage_phrases
 
 
 def make_fact(i=1, relation="/per/loc/place_of_birth", split="train"):
@@ -86,10 +87,10 @@ def test_filter_reasons(completion, reason):
 
 def test_select_facts_balances_none_and_caps_in_source_order():
     facts = [make_fact(i, NONE) for i in range(1, 31)] + [make_fact(i, "/per/per/partner") for i in range(31, 41)]
-    chosen = select_facts(facts, SynthesizeConfig(none_fraction=0.5, max_facts=None))
+    chosen = select_facts(facts, small_config(SynthesizeConfig, none_fraction=0.5, max_facts=None))
     assert sum(f["relation"] == NONE for f in chosen) == 10 and len(chosen) == 20
     assert [f["id"] for f in chosen] == sorted(f["id"] for f in chosen)
-    assert len(select_facts(facts, SynthesizeConfig(none_fraction=None, max_facts=7))) == 7
+    assert len(select_facts(facts, small_config(SynthesizeConfig, none_fraction=None, max_facts=7))) == 7
 
 
 class _Scripted:
@@ -135,7 +136,7 @@ def _openai_config(tmp_path, base_url, **openai) -> SynthesizeConfig:
     """Short timeouts and backoff for tests; a stall of the test server (1.5 s) outlasts the 1 s timeout."""
     values = dict(base_url=base_url, model="teacher-x", concurrency=4, timeout_s=1.0, connect_timeout_s=1.0,
                   max_retries=3, backoff_base_s=0.01, backoff_max_s=0.02, cache_dir=str(tmp_path / "cache"))
-    return SynthesizeConfig(teacher="openai", splits=("train",), none_fraction=None,
+    return small_config(SynthesizeConfig, teacher="openai", splits=("train",), none_fraction=None,
                             openai=OpenAITeacherConfig(**{**values, **openai}))
 
 
@@ -184,21 +185,17 @@ def test_synthesis_against_a_flaky_paid_endpoint_loses_nothing_and_pays_once(tmp
         assert KEY.encode() not in path.read_bytes()
 
 
-def _stub_tracking(monkeypatch) -> list:
-    """cli.main without MLflow (a fresh tracking store costs seconds); returns the reports the CLI logs."""
-    from morer1 import synthesize as synthesize_module
+def _no_tracking(monkeypatch) -> None:
+    """cli.main without MLflow: a fresh tracking store costs seconds, more than a fail-fast check allows."""
     from morer1 import tracking
 
-    logged = []
     monkeypatch.setattr(tracking, "stage_run", lambda *a, **k: contextlib.nullcontext())
-    monkeypatch.setattr(synthesize_module, "log_to_mlflow", lambda report, out: logged.append(report))
-    return logged
 
 
 def _write_params(tmp_path, base_url, **openai) -> str:
     values = dict(base_url=base_url, model="teacher-x", concurrency=4, timeout_s=1.0, connect_timeout_s=1.0,
                   max_retries=2, backoff_base_s=0.01, backoff_max_s=0.02, cache_dir=str(tmp_path / "cache"))
-    params = {"synthesize": {"teacher": "openai", "splits": ["train"], "none_fraction": None,
+    params = {"synthesize": {"teacher": "openai", "prompt": "full", "splits": ["train"], "none_fraction": None,
                              "openai": {**values, **openai}}}
     (tmp_path / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
     return str(tmp_path / "params.yaml")
@@ -212,7 +209,6 @@ def _error_lines(capsys) -> tuple[list[str], str]:
 def test_cli_too_few_rationales_exits_bad_input_with_one_line(tmp_path, monkeypatch, capsys):
     """Kept share under min_kept_fraction: exit 2 and one line with the split, the kept share and the reasons."""
     monkeypatch.setenv("MORER1_TEACHER_API_KEY", KEY)
-    logged = _stub_tracking(monkeypatch)
 
     def poor_teacher(body, key):  # by request: 1 in 4 good, 1 in 4 unparsable, half the wrong label
         gold, pick = gold_label(body), int(key[:8], 16) % 4
@@ -233,11 +229,18 @@ def test_cli_too_few_rationales_exits_bad_input_with_one_line(tmp_path, monkeypa
     top = ", ".join(f"{r} {n}" for r, n in sorted(rejected.items(), key=lambda item: -item[1]))
     assert lines[0] == (f"morer1 synthesize: error: train: kept {kept} of 12 rationales ({kept / 12:.1%}), below "
                         f"synthesize.min_kept_fraction=0.5; rejected: {top} (see {tmp_path / 'sft' / 'report.json'})")
-    assert [r["splits"]["train"] for r in logged] == [report]  # the failed stage run still gets the report
+    from morer1 import tracking
+
+    mlflow = tracking.setup()  # the failed stage run still gets the report
+    (run,) = mlflow.search_runs(output_format="list")
+    assert run.info.run_name == "synthesize" and run.info.status == "FAILED"
+    assert run.data.metrics["splits.train.kept"] == kept
+    logged = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/summary.json")
+    assert logged["splits"]["train"] == report
 
 
 def test_cli_unreachable_endpoint_fails_fast_with_one_line_naming_the_url(tmp_path, monkeypatch, capsys):
-    _stub_tracking(monkeypatch)
+    _no_tracking(monkeypatch)
     url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     params = _write_params(tmp_path, url)
     start = time.monotonic()
@@ -258,7 +261,7 @@ def test_synthesis_error_is_a_bad_input_error():
 
 
 def test_synthesize_writes_chat_rows_with_images_and_a_report(tmp_path):
-    report = synthesize(_facts_dir(tmp_path), tmp_path / "sft", SynthesizeConfig(splits=("train",)))
+    report = synthesize(_facts_dir(tmp_path), tmp_path / "sft", small_config(SynthesizeConfig, splits=("train",)))
     rows = [json.loads(line) for line in (tmp_path / "sft" / "train.jsonl").read_text().splitlines()]
     assert report["splits"]["train"] == {"requested": 4, "kept": 4, "rejected": {},
                                          "labels": {"/per/loc/place_of_birth": 4}}
@@ -268,6 +271,34 @@ def test_synthesize_writes_chat_rows_with_images_and_a_report(tmp_path):
                              str(tmp_path / "facts" / "crops/train/train-000001.png")]
     assert row["messages"][-1]["content"][0]["text"].endswith("<answer>/per/loc/place_of_birth</answer>")
     assert json.loads((tmp_path / "sft" / "report.json").read_text())["teacher"] == "template"
+    assert sorted(p.name for p in (tmp_path / "sft").iterdir()) == [
+        "labels.json", "morer1_prompt.json", "report.json", "train.jsonl"]
+
+
+def test_a_rerun_replaces_the_whole_set_and_a_foreign_folder_is_refused(tmp_path):
+    facts = _facts_dir(tmp_path)
+    synthesize(facts, tmp_path / "sft", small_config(SynthesizeConfig, splits=("train",)))
+    (tmp_path / "sft" / "dev.jsonl").write_text("{}\n")  # a split of an earlier run with other splits
+    synthesize(facts, tmp_path / "sft", small_config(SynthesizeConfig, splits=("train",)))
+    assert not (tmp_path / "sft" / "dev.jsonl").exists() and not (tmp_path / "sft.partial").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(BadInputError, match="is not an SFT set"):
+        synthesize(facts, tmp_path / "mine", small_config(SynthesizeConfig, splits=("train",)))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_stage_logs_counts_report_and_rationale_samples_to_its_mlflow_run(tmp_path):
+    from morer1 import tracking
+    from morer1.synthesize import run
+
+    report = run(small_config(SynthesizeConfig, splits=("train",)), _facts_dir(tmp_path), tmp_path / "sft")
+    mlflow = tracking.setup()
+    (logged,) = mlflow.search_runs(output_format="list")
+    assert logged.info.run_name == "synthesize" and logged.info.status == "FINISHED"
+    assert logged.data.metrics["splits.train.kept"] == report["splits"]["train"]["kept"] == 4
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(logged.info.run_id)}
+    assert {"summary.json", "rationale_samples.json"} <= artifacts
 
 
 def test_synthesize_fails_when_the_teacher_gives_too_little(tmp_path):
@@ -275,7 +306,7 @@ def test_synthesize_fails_when_the_teacher_gives_too_little(tmp_path):
     with pytest.raises(SynthesisError, match=r"^train: kept 1 of 4 rationales \(25.0%\), below synthesize."
                                              r"min_kept_fraction=0\.5; rejected: no_completion 2, unparsable 1 "
                                              r"\(see .*report.json\)$"):
-        synthesize(_facts_dir(tmp_path), tmp_path / "sft", SynthesizeConfig(splits=("train",)), teacher=teacher)
+        synthesize(_facts_dir(tmp_path), tmp_path / "sft", small_config(SynthesizeConfig, splits=("train",)), teacher=teacher)
     report = json.loads((tmp_path / "sft" / "report.json").read_text())
     assert report["splits"]["train"]["rejected"] == {"no_completion": 2, "unparsable": 1}
 

@@ -12,6 +12,7 @@ from PIL import Image  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from configs import small_config  # noqa: E402
 from morer1.errors import BadInputError  # noqa: E402
 from morer1.modeling import (  # noqa: E402
     ModelFolderError,
@@ -22,6 +23,7 @@ from morer1.tiny_model import (  # noqa: E402
     REASONING_TOKENS,
     TinyModelConfig,
     build_tiny_model,
+    run,
     train_tokenizer,
 )
 
@@ -42,7 +44,7 @@ CORPUS = [
     "Target entity: Brussels. Candidate labels: none /per/per/partner /org/loc/locate_at /loc/loc/contain",
     "Types: per org loc misc. Reason step by step inside <think> </think>, answer inside <answer> </answer>.",
 ] * 20
-CFG = TinyModelConfig(vocab_size=600)
+CFG = small_config(TinyModelConfig, vocab_size=600)
 
 
 def two_image_message(text="Title: Obama meets Merkel. Entity: Merkel."):
@@ -181,6 +183,25 @@ def test_training_step_changes_parameters(built):
     changed = {name for name, p in model.named_parameters() if not torch.equal(before[name], p)}
     assert any(name.startswith("model.visual.") for name in changed)
     assert any(name.startswith("model.language_model.") for name in changed)
+
+
+def test_stage_trains_the_tokenizer_on_the_sft_set_and_logs_its_summary(tmp_path):
+    import json
+
+    from morer1 import tracking
+
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    row = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CORPUS[1]}]},
+                        {"role": "assistant", "content": [{"type": "text", "text": DEMO_ANSWER}]}]}
+    (sft / "train.jsonl").write_text((json.dumps(row) + "\n") * 20)
+    summary = run(CFG, sft, tmp_path / "model")
+    assert summary["parameters"] < 1_000_000 and (tmp_path / "model" / "tokenizer.json").is_file()
+    _, processor = load_model_and_processor(tmp_path / "model")
+    assert processor.tokenizer.get_vocab() == train_tokenizer([CORPUS[1], DEMO_ANSWER] * 20, CFG.vocab_size).get_vocab()
+    mlflow = tracking.setup()
+    (logged,) = mlflow.search_runs(output_format="list")
+    assert logged.info.run_name == "tiny_model" and logged.data.metrics["vocab_size"] == summary["vocab_size"]
 
 
 def test_rebuild_refuses_a_foreign_folder(tmp_path):

@@ -1,4 +1,4 @@
-"""The validate stage on hand-made ingested folders: a good batch passes; each kind of bad data fails by name.
+"""The two gates on hand-made folders: good data passes; each kind of bad data fails by name.
 
 Great Expectations runs are slow (~2-3 s each), so all the bad records share one folder and one run:
 each defect sits on its own records, and the run must report exactly the expected failures.
@@ -16,7 +16,8 @@ from morer1.validate import (
     ValidateConfig,
     fact_batches,
     load_suite,
-    validate_data,
+    run_facts,
+    run_sft,
 )
 
 SUITES = Path(__file__).resolve().parents[1] / "expectations"
@@ -73,9 +74,9 @@ def bad_splits() -> dict[str, list[dict]]:
 @pytest.fixture(scope="module")
 def good_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("good")
-    report = validate_data(write_ingested(out / "ingested", good_splits()), out / "validation", ValidateConfig(),
-                            suites_dir=SUITES)
-    return report, out / "validation"
+    summary = run_facts(ValidateConfig(), write_ingested(out / "ingested", good_splits()), out / "validation",
+                        suites_dir=SUITES)
+    return summary, out / "validation"
 
 
 @pytest.fixture(scope="module")
@@ -83,20 +84,34 @@ def bad_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bad")
     cfg = ValidateConfig(none_fraction_max=0.9, max_examples=3)
     with pytest.raises(DataValidationError) as info:
-        validate_data(write_ingested(out / "ingested", bad_splits()), out / "validation", cfg, suites_dir=SUITES)
+        run_facts(cfg, write_ingested(out / "ingested", bad_splits()), out / "validation", suites_dir=SUITES)
     return str(info.value), out / "validation"
 
 
 def test_good_batch_passes_and_writes_report_and_data_docs(good_run):
-    report, out = good_run
-    assert report["success"] and report["summary"] == {"expectations": 41, "failed": 0}
-    assert json.loads((out / "report.json").read_text())["success"] is True
+    summary, out = good_run
+    assert summary == {"expectations": 41, "failed": 0}
+    report = json.loads((out / "report.json").read_text())
+    assert report["success"] is True and report["summary"] == summary and report["data_docs"] == "data_docs/index.html"
     index = (out / "data_docs" / "index.html").read_text()
     assert "validations/facts/train/" in index
+    assert sorted(p.name for p in out.iterdir()) == ["data_docs", "report.json"]
     batches = report["suites"]["facts"]["batches"]
     assert {name: b["rows"] for name, b in batches.items()} == {"train": 4, "dev": 2, "test": 2, "all": 8}
     share = next(e for e in batches["train"]["expectations"] if e["kwargs"].get("column") == "is_none")
     assert share["observed_value"] == 0.5 and share["kwargs"]["max_value"] == 0.95
+
+
+def test_same_data_gives_the_same_bytes_in_another_folder_and_run(good_run, tmp_path):
+    _, first = good_run
+    again = tmp_path / "elsewhere" / "validation"
+    run_facts(ValidateConfig(), write_ingested(tmp_path / "elsewhere" / "ingested", good_splits()), again,
+              suites_dir=SUITES)
+
+    def files(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    assert files(first) == files(again)
 
 
 @pytest.mark.parametrize("line", [
@@ -162,17 +177,17 @@ def test_malformed_record_fails_with_file_and_line(tmp_path):
     root = write_ingested(tmp_path / "ingested", splits)
     with pytest.raises(DataValidationError, match=r"dev.jsonl:2: not a fact record of docs/data.md "
                                                   r"\(TypeError: text is NoneType\)"):
-        validate_data(root, tmp_path / "out", ValidateConfig(), suites_dir=SUITES)
+        fact_batches(root)
     (root / "dev.jsonl").write_text(json.dumps(record("dev", 1)) + "\n")
     with pytest.raises(DataValidationError, match=r"test.jsonl:3: not a fact record"):
-        validate_data(root, tmp_path / "out", ValidateConfig(), suites_dir=SUITES)
+        fact_batches(root)
 
 
 def test_missing_labels_is_bad_input(tmp_path):
     root = write_ingested(tmp_path / "ingested", good_splits())
     (root / "labels.json").unlink()
     with pytest.raises(BadInputError, match=r"labels.json: missing"):
-        validate_data(root, tmp_path / "out", ValidateConfig(), suites_dir=SUITES)
+        fact_batches(root)
 
 
 @pytest.mark.parametrize("change, error", [
@@ -196,7 +211,7 @@ def test_none_bounds_must_be_ordered():
         ValidateConfig(none_fraction_min=0.8, none_fraction_max=0.5)
 
 
-def test_cli_stage_exits_3_and_logs_report_and_docs_to_mlflow(tmp_path, monkeypatch, capsys):
+def test_cli_gate_exits_3_and_logs_report_and_docs_to_mlflow(tmp_path, monkeypatch, capsys):
     from morer1 import tracking
     from morer1.cli import main
 
@@ -205,13 +220,24 @@ def test_cli_stage_exits_3_and_logs_report_and_docs_to_mlflow(tmp_path, monkeypa
     splits["test"][0]["object"]["box"] = [10, 20, 110, 500]
     root = write_ingested(tmp_path / "ingested", splits)
     with pytest.raises(SystemExit) as info:
-        main(["validate", "--facts", str(root), "--out", str(tmp_path / "out")])
+        main(["validate-facts", "--facts", str(root), "--out", str(tmp_path / "out")])
     assert info.value.code == 3
     assert "e.g. test-000001 (height=480, box_y1=500)" in capsys.readouterr().err
     mlflow = tracking.setup()
     run = mlflow.search_runs(output_format="list")[0]
-    assert run.data.metrics["expectations_failed"] == 1
-    assert {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)} == {"report.json", "data_docs"}
+    assert run.info.run_name == "validate_facts" and run.info.status == "FAILED"
+    assert run.data.metrics["failed"] == 1 and run.data.metrics["expectations"] == 41
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert artifacts == {"report.json", "data_docs", "summary.json"}
+
+
+def test_a_gate_refuses_to_replace_a_folder_that_is_not_its_output(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(BadInputError, match="is not a gate's output"):
+        run_facts(ValidateConfig(), write_ingested(tmp_path / "ingested", good_splits()), out, suites_dir=SUITES)
+    assert (out / "keep.txt").read_text() == "mine"
 
 
 def _sft_row(fact_id: str, relation: str, rationale: str, n_images: int = 2) -> dict:
@@ -220,16 +246,17 @@ def _sft_row(fact_id: str, relation: str, rationale: str, n_images: int = 2) -> 
                          {"role": "assistant", "content": [{"type": "text", "text": rationale}]}]}
 
 
-def test_sft_suite_passes_good_rationales_and_names_each_bad_one(tmp_path):
+def test_sft_gate_passes_good_rationales_and_names_each_bad_one(tmp_path):
     from morer1.teachers import template_rationale
 
-    facts = write_ingested(tmp_path / "ingested", good_splits())
     good = [_sft_row(r["id"], r["relation"], template_rationale(r, LABELS)) for r in good_splits()["train"]]
     sft = tmp_path / "sft"
     sft.mkdir()
+    (sft / "labels.json").write_text(json.dumps(LABELS))  # as synthesize writes it
     (sft / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
-    report = validate_data(facts, tmp_path / "ok", ValidateConfig(), sft_dir=sft, suites_dir=SUITES)
-    assert report["success"] and report["suites"]["sft"]["batches"]["train"]["success"]
+    assert run_sft(ValidateConfig(), sft, tmp_path / "ok", suites_dir=SUITES) == {"expectations": 6, "failed": 0}
+    report = json.loads((tmp_path / "ok" / "report.json").read_text())
+    assert list(report["suites"]) == ["sft"] and report["suites"]["sft"]["batches"]["train"]["success"]
 
     wrong = template_rationale(record("train", 9), LABELS).replace("<answer>none", "<answer>/per/per/partner")
     bad = good + [
@@ -239,9 +266,9 @@ def test_sft_suite_passes_good_rationales_and_names_each_bad_one(tmp_path):
     ]
     (sft / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
     with pytest.raises(DataValidationError) as info:
-        validate_data(facts, tmp_path / "bad", ValidateConfig(), sft_dir=sft, suites_dir=SUITES)
+        run_sft(ValidateConfig(), sft, tmp_path / "bad", suites_dir=SUITES)
     lines = str(info.value).splitlines()
-    assert lines[0] == "4 of 47 expectations failed:"  # 41 facts + 6 sft
+    assert lines[0] == "4 of 6 expectations failed:"
     assert any("sft/train" in line and "answer_is_gold" in line and "train-000009" in line for line in lines)
     assert any("six_steps_in_order" in line and "train-000010" in line for line in lines)
     assert any("rationale_chars" in line and "train-000010" in line for line in lines)

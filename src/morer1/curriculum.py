@@ -1,9 +1,6 @@
-"""Sample difficulty from rollouts of the SFT model, and the Progressive Sample-Mixing stream for GRPO.
+"""Curriculum stage: the Progressive Sample-Mixing stream of GRPO prompts, from the difficulty pools.
 
-**Difficulty.** Each training fact gets k sampled rollouts of the SFT model (`estimate_difficulty`); a
-rollout passes when its parsed label equals the gold relation. The pass rate p sorts the facts into
-three pools: *solved* (p = 1: every group reward is equal, GRPO learns nothing), *learnable* (0 < p < 1)
-and *hard* (p = 0: little signal until the policy improves).
+The pools come from the difficulty stage (`morer1.difficulty`: learnable, hard, solved by pass rate).
 
 **Stream** (`build_stream`). The GRPO training order, in `phases` consecutive phases of `phase_size`
 samples. By default `phase_size` = ceil((learnable + hard) / phases): the stream is about one pass over the
@@ -49,142 +46,15 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from morer1 import tracking
+from morer1.difficulty import POOLS, pool_of
 from morer1.errors import BadInputError
-from morer1.files import read_jsonl, write_text_atomic
+from morer1.files import read_jsonl, write_jsonl, write_text_atomic
 from morer1.params import StageConfig
 
 log = logging.getLogger(__name__)
 
-POOLS = ("learnable", "hard", "solved")
 FILL_ORDER = ("learnable", "hard", "solved")  # who fills a pool's shortfall, in this order
-HISTOGRAM_BINS = 10
-
-
-# --------------------------------------------------------------------------------------------------
-# Difficulty
-
-
-class DifficultyConfig(StageConfig):
-    """Difficulty estimation: k sampled rollouts per training fact from the SFT model."""
-
-    rollouts: int = Field(4, ge=1, description="Sampled completions per fact (k); the pass rate is passes / k.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts (use GRPO's).")
-    max_new_tokens: int = Field(256, ge=1, description="Longest rollout in tokens (use GRPO's completion length).")
-    batch_size: int = Field(8, ge=1, description="Facts per generation batch (each holds k sequences).")
-    max_samples: int | None = Field(
-        None, ge=1, description="Estimate on a seeded random sample of this many facts (None: all of the split).")
-    seed: int = Field(0, description="Seed of the fact sample and of the rollouts.")
-
-
-def pool_of(passes: int, rollouts: int) -> str:
-    """`solved` when every rollout passed, `hard` when none did, else `learnable`."""
-    if passes >= rollouts:
-        return "solved"
-    return "hard" if passes == 0 else "learnable"
-
-
-def score_rollouts(facts: Sequence[dict], completions: Sequence[Sequence[str]], labels: Sequence[str]) -> list[dict]:
-    """Difficulty rows `{"id", "relation", "passes", "rollouts", "pass_rate"}` from each fact's completions."""
-    from morer1.parsing import parse_completion
-
-    if len(facts) != len(completions):
-        raise ValueError(f"{len(facts)} facts but {len(completions)} lists of completions")
-    rows = []
-    for fact, texts in zip(facts, completions):
-        if not texts:
-            raise ValueError(f"{fact['id']}: no completions")
-        passes = sum(parse_completion(text, labels).label == fact["relation"] for text in texts)
-        rows.append({"id": fact["id"], "relation": fact["relation"], "passes": passes,
-                     "rollouts": len(texts), "pass_rate": passes / len(texts)})
-    return rows
-
-
-def select_facts(facts: list[dict], max_samples: int | None, seed: int) -> list[dict]:
-    """All facts, or a seeded random sample of `max_samples` of them kept in file order."""
-    if max_samples is None or max_samples >= len(facts):
-        return list(facts)
-    keep = set(random.Random(seed).sample(range(len(facts)), max_samples))
-    return [fact for i, fact in enumerate(facts) if i in keep]
-
-
-def estimate_difficulty(
-    model_dir: str | Path,
-    facts_dir: str | Path,
-    cfg: DifficultyConfig,
-    labels: Sequence[str],
-    split: str = "train",
-) -> list[dict]:
-    """k sampled rollouts per fact of `facts_dir/<split>.jsonl` with the model of `model_dir`; rows in fact order.
-
-    A rollout passes when its parsed label equals the gold `relation` (a malformed or out-of-set answer fails).
-    """
-    from morer1 import generation
-    from morer1.modeling import load_model_and_processor
-    from morer1.prompt import model_prompt
-
-    facts_dir = Path(facts_dir)
-    path = facts_dir / f"{split}.jsonl"
-    if not path.is_file():
-        raise BadInputError(f"{path}: no ingested facts for split '{split}'")
-    facts = select_facts(read_jsonl(path), cfg.max_samples, cfg.seed)
-    if not facts:
-        raise BadInputError(f"{path}: no facts")
-    model, processor = load_model_and_processor(model_dir)
-    completions = generation.generate_completions(
-        model, processor, facts, facts_dir, labels,
-        num_return_sequences=cfg.rollouts, do_sample=True, temperature=cfg.temperature,
-        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
-        prompt=model_prompt(model_dir),
-    )
-    return score_rollouts(facts, completions, labels)
-
-
-def pass_rate_histogram(rates: Sequence[float], bins: int = HISTOGRAM_BINS) -> list[dict]:
-    """Counts of pass rates in `bins` equal bins over [0, 1]: [lo, hi), the last one [lo, 1] inclusive."""
-    counts = [0] * bins
-    for rate in rates:
-        counts[min(int(rate * bins), bins - 1)] += 1
-    return [{"lo": i / bins, "hi": (i + 1) / bins, "count": c} for i, c in enumerate(counts)]
-
-
-def difficulty_summary(rows: Sequence[dict]) -> dict:
-    """Pool counts (solved, learnable, hard), mean pass rate, 10-bin histogram, pools per relation."""
-    pools = Counter(pool_of(r["passes"], r["rollouts"]) for r in rows)
-    by_relation: dict[str, Counter] = {}
-    for r in rows:
-        by_relation.setdefault(r["relation"], Counter())[pool_of(r["passes"], r["rollouts"])] += 1
-    return {
-        "facts": len(rows),
-        "rollouts": sorted({r["rollouts"] for r in rows}),
-        "solved": pools["solved"],
-        "learnable": pools["learnable"],
-        "hard": pools["hard"],
-        "mean_pass_rate": sum(r["pass_rate"] for r in rows) / len(rows) if rows else None,
-        "histogram": pass_rate_histogram([r["pass_rate"] for r in rows]),
-        "by_relation": {rel: {p: c[p] for p in POOLS} for rel, c in sorted(by_relation.items())},
-    }
-
-
-def _jsonl(rows: Sequence[dict]) -> str:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-
-def write_difficulty(rows: Sequence[dict], out_dir: str | Path) -> dict:
-    """Write `difficulty.jsonl` (the rows) and `difficulty_summary.json`; return the summary."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary = difficulty_summary(rows)
-    write_text_atomic(out_dir / "difficulty.jsonl", _jsonl(rows))
-    write_text_atomic(out_dir / "difficulty_summary.json", json.dumps(summary, indent=1) + "\n")
-    return summary
-
-
-def read_difficulty(out_dir: str | Path) -> list[dict]:
-    return read_jsonl(Path(out_dir) / "difficulty.jsonl")
-
-
-# --------------------------------------------------------------------------------------------------
-# Progressive Sample-Mixing
 
 
 class CurriculumConfig(StageConfig):
@@ -378,38 +248,24 @@ def _uniform(pools, rows, cfg, phase_size, rng, plan) -> list[dict]:
     return stream
 
 
-def write_stream(stream: Sequence[dict], plan: dict, out_dir: str | Path) -> None:
-    """Write `stream.jsonl` (one item per line, in training order) and `plan.json`."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "stream.jsonl", _jsonl(stream))
-    write_text_atomic(out_dir / "plan.json", json.dumps(plan, indent=1) + "\n")
-
-
-def read_stream(out_dir: str | Path) -> tuple[list[dict], dict]:
-    """The stream and the plan `write_stream` wrote, stream order preserved."""
-    out_dir = Path(out_dir)
-    return read_jsonl(out_dir / "stream.jsonl"), json.loads((out_dir / "plan.json").read_text(encoding="utf-8"))
-
-
-def log_difficulty(summary: dict, out_dir: str | Path) -> None:
-    """Pool counts, mean pass rate, the pass-rate histogram (one metric step per bin) and the summary file."""
+def run(cfg: CurriculumConfig, difficulty_dir: str | Path, out_dir: str | Path) -> dict:
+    """The stream of the pools in `difficulty_dir/difficulty.jsonl`: write `stream.jsonl` (one item per line, in
+    training order) and `plan.json` into `out_dir`, log the planned and actual share of each pool per phase (metric
+    step = phase) and the plan to the stage's MLflow run, return the summary."""
     import mlflow
 
-    mlflow.log_metrics({pool: summary[pool] for pool in POOLS})
-    if summary["mean_pass_rate"] is not None:
-        mlflow.log_metric("mean_pass_rate", summary["mean_pass_rate"])
-    for i, bin_ in enumerate(summary["histogram"]):
-        mlflow.log_metric("pass_rate_histogram", bin_["count"], step=i)
-    mlflow.log_artifact(str(Path(out_dir) / "difficulty_summary.json"))
-
-
-def log_plan(plan: dict, out_dir: str | Path) -> None:
-    """The planned and the actual share of each pool per phase (metric step = phase) and plan.json."""
-    import mlflow
-
-    for phase in plan["phases"]:
-        for pool in POOLS:
-            mlflow.log_metric(f"planned_share_{pool}", phase["planned_fractions"][pool], step=phase["phase"])
-            mlflow.log_metric(f"actual_share_{pool}", phase["actual_fractions"][pool], step=phase["phase"])
-    mlflow.log_artifact(str(Path(out_dir) / "plan.json"))
+    out_dir = Path(out_dir)
+    with tracking.stage_run("curriculum", cfg):
+        stream, plan = build_stream(read_jsonl(Path(difficulty_dir) / "difficulty.jsonl"), cfg)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_jsonl(out_dir / "stream.jsonl", stream)
+        write_text_atomic(out_dir / "plan.json", json.dumps(plan, indent=1) + "\n")
+        summary = {"mode": cfg.mode, "prompts": len(stream), "phase_size": plan["phase_size"],
+                   "pool_sizes": plan["pool_sizes"], "pool_cycles": plan["pool_cycles"], "warnings": plan["warnings"]}
+        tracking.log_summary(summary)
+        for phase in plan["phases"]:
+            for pool in POOLS:
+                mlflow.log_metric(f"planned_share_{pool}", phase["planned_fractions"][pool], step=phase["phase"])
+                mlflow.log_metric(f"actual_share_{pool}", phase["actual_fractions"][pool], step=phase["phase"])
+        mlflow.log_artifact(str(out_dir / "plan.json"))
+    return summary

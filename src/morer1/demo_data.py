@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
+from morer1 import tracking
 from morer1.errors import BadInputError
 from morer1.files import swap_in
 from morer1.labels import DEFAULT_LABELS, NONE, TYPES, labels_for_pair, type_pair
@@ -87,16 +88,16 @@ class DemoDataConfig(StageConfig):
     """Parameters of the synthetic demo dataset (`morer1 demo-data`)."""
 
     seed: int = Field(0, description="Seed of the generator; the same seed and config give byte-identical files.")
-    train_pairs: int = Field(120, ge=1, description="Image-title pairs in the train split.")
+    train_pairs: int = Field(..., ge=1, description="Image-title pairs in the train split.")
     valid_pairs: int = Field(24, ge=1, description="Image-title pairs in the valid split.")
     test_pairs: int = Field(36, ge=1, description="Image-title pairs in the test split.")
     image_size: tuple[int, int] = Field(
         (96, 160), description="Min and max image side in pixels; width and height are drawn independently."
     )
     objects_per_image: tuple[int, int] = Field(
-        (2, 4), description="Min and max objects drawn per image (at most 10, one colour each)."
+        ..., description="Min and max objects drawn per image (at most 10, one colour each)."
     )
-    entities_per_title: tuple[int, int] = Field((2, 4), description="Min and max entities named per title.")
+    entities_per_title: tuple[int, int] = Field(..., description="Min and max entities named per title.")
     link_fraction: float = Field(
         0.7, ge=0.0, le=1.0,
         description="Chance that an entity beyond the planted one is linked to an object it can relate to.",
@@ -333,4 +334,12 @@ def generate_demo(out_dir: Path, cfg: DemoDataConfig) -> dict:
     (staging / "caption_dict.json").write_text(json.dumps(captions, indent=1) + "\n")
 
     swap_in(staging, out_dir)
+    return summary
+
+
+def run(cfg: DemoDataConfig, out: str | Path) -> dict:
+    """The demo_data stage: `generate_demo` into `out` in an MLflow stage run; return and log the summary."""
+    with tracking.stage_run("demo_data", cfg):
+        summary = generate_demo(Path(out), cfg)
+        tracking.log_summary(summary)
     return summary

@@ -1,7 +1,12 @@
-"""Error classes the CLI maps to exit codes that the orchestrator understands."""
+"""Error classes the CLI maps to exit codes that the orchestrator understands, and where it records them."""
+
+import json
+import os
+from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_GATE_FAILED = 3
+EXIT_FILE_ENV = "MORER1_EXIT_FILE"  # where the morer1 CLI records its exit code and reason (`record_exit`)
 
 
 class BadInputError(Exception):
@@ -10,3 +15,12 @@ class BadInputError(Exception):
 
 class GateFailedError(Exception):
     """A data-validation gate failed: nothing downstream may run (exit code 3)."""
+
+
+def record_exit(code: int, message: str) -> None:
+    """For the morer1 CLI: record an exit code and its reason where the orchestrator reads it, when asked to."""
+    path = os.environ.get(EXIT_FILE_ENV)
+    if path:
+        tmp = Path(f"{path}.{os.getpid()}.tmp")  # several processes of one `accelerate launch` may write
+        tmp.write_text(json.dumps({"exit_code": code, "message": message}), encoding="utf-8")
+        os.replace(tmp, path)

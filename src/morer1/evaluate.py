@@ -1,29 +1,35 @@
 """Evaluate stage: batched generation on dev and test, MORE metrics, baselines, the error-analysis report.
 
-Each candidate model (e.g. the SFT and the GRPO checkpoints) is scored on dev; the best on the dev metric
-is chosen. Every candidate is also scored on test, reported side by side in `metrics.json` (`candidates`)
-so that what each stage bought is visible; test never chooses anything.
+Each candidate model folder (e.g. the SFT and the GRPO checkpoints, given on the command line) is scored on dev;
+the best on the dev metric is chosen. Every candidate is also scored on test, reported side by side in
+`metrics.json` (`candidates`) so that what each stage bought is visible; test never chooses anything.
+`chosen.json` holds what register needs: the chosen folder, its content hash, the label set and its metrics.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import Field
 
-from morer1.files import read_jsonl
+from morer1.errors import BadInputError
+from morer1.files import folder_sha256, read_jsonl, swap_in, write_jsonl, write_text_atomic
 from morer1.params import StageConfig
+
+CANDIDATE_KEYS = ("f1", "precision", "recall", "accuracy", "invalid_rate")
 
 
 class EvaluateConfig(StageConfig):
     """Parameters of the evaluate stage."""
 
-    models: tuple[str, ...] = Field(("models/sft", "models/grpo"), description="Candidate model folders, scored on dev.")
     selection_metric: str = Field("f1", description="Dev metric that chooses the model (ties: the later candidate).")
     max_facts: int | None = Field(None, ge=1, description="Score at most this many facts per split, seeded sample (None: all).")
-    max_new_tokens: int = Field(256, ge=1, description="Longest completion generated per fact.")
-    batch_size: int = Field(8, ge=1, description="Facts per generate call.")
+    max_new_tokens: int = Field(..., ge=1, description="Longest completion generated per fact.")
+    batch_size: int = Field(..., ge=1, description="Facts per generate call.")
     report_max_samples: int = Field(300, ge=1, description="Samples drawn in the error-analysis page (wrong ones first).")
     seed: int = Field(0, description="Seed of the fact sample and of the random baseline.")
 
@@ -65,77 +71,117 @@ def score(rows: list[dict], labels, train_golds: list[str], seed: int) -> dict:
     return result
 
 
-def write_predictions(rows: list[dict], path: Path) -> None:
-    keep = ("id", "relation", "predicted", "completion")
-    with path.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps({k: r[k] for k in keep}, ensure_ascii=False) + "\n")
+DEV_EVAL_KEYS = ("max_facts", "seed", "max_new_tokens", "batch_size")  # the settings a dev number depends on
 
 
-CANDIDATE_KEYS = ("f1", "precision", "recall", "accuracy", "invalid_rate")
+@dataclass(frozen=True)
+class DevSet:
+    """The dev facts evaluate scores in an ingested folder, their label set and their fingerprint."""
+
+    facts_dir: Path
+    facts: list[dict]
+    labels: tuple[str, ...]
+    sha256: str
 
 
-def add_candidates(metrics_path: Path, results: dict) -> None:
-    """Add `candidates.<model folder name>.<split>_<metric>` to metrics.json: each stage's model side by side."""
-    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-    metrics["candidates"] = {Path(model).name: {f"{split}_{k}": r[k] for split, r in splits.items()
-                                                for k in CANDIDATE_KEYS}
-                             for model, splits in results.items()}
-    metrics_path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+def dev_set(facts_dir: str | Path, max_facts: int | None, seed: int) -> DevSet:
+    """The dev split of `facts_dir` as evaluate scores it (its seeded sample when `max_facts` is set), fingerprinted.
 
-
-def evaluate(facts_dir: str | Path, out_dir: str | Path, cfg: EvaluateConfig) -> dict:
-    """Score the candidates on dev, the chosen one on test; write metrics, plots, predictions and the report."""
+    The fingerprint is a sha256 over the label set, every scored fact's record and the path and bytes of every photo
+    and crop they refer to: it changes when anything the dev metrics depend on changes, and only then (unlike
+    `registry.data_version`, the DVC hash of the whole ingested folder, which is `none` outside DVC and blind to the sample).
+    BadInputError when the split, the labels or a referenced file is missing.
+    """
     from morer1.labels import read_labels
-    from morer1.metrics import write_metrics_files
+    from morer1.prompt import fact_images
+
+    facts_dir = Path(facts_dir)
+    if not (facts_dir / "dev.jsonl").is_file():
+        raise BadInputError(f"{facts_dir / 'dev.jsonl'}: missing (the dev facts the dev metrics are computed on)")
+    labels = read_labels(facts_dir / "labels.json")
+    facts = sample_facts(read_jsonl(facts_dir / "dev.jsonl"), max_facts, seed)
+    digest = hashlib.sha256(json.dumps(list(labels)).encode() + b"\n")
+    files: set[str] = set()
+    for fact in facts:
+        digest.update(json.dumps(fact, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+        try:
+            files.update(Path(path).relative_to(facts_dir).as_posix() for path in fact_images(fact, facts_dir))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadInputError(f"{facts_dir / 'dev.jsonl'}: fact {fact.get('id')!r} names no photo and crop "
+                                f"inside the folder: {exc!r}") from None
+    for name in sorted(files):
+        path = facts_dir / name
+        if not path.is_file():
+            raise BadInputError(f"{path}: missing (a photo or crop of the dev facts)")
+        digest.update(name.encode() + b"\0" + str(path.stat().st_size).encode() + b"\0")
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return DevSet(facts_dir, facts, labels, digest.hexdigest())
+
+
+def dev_eval(cfg: EvaluateConfig) -> dict:
+    """The evaluate settings a dev number depends on besides the facts (chosen.json `dev_eval`)."""
+    return {key: getattr(cfg, key) for key in DEV_EVAL_KEYS}
+
+
+def run(cfg: EvaluateConfig, facts_dir: str | Path, models: list[str], out_dir: str | Path) -> dict:
+    """Score `models` on dev, choose one, score all on test; write metrics, plots, predictions, the report and
+    `chosen.json` into `out_dir`; return the summary (the chosen model, its flat dev/test metrics, `candidates`)."""
+    from morer1 import tracking
+    from morer1.labels import read_labels
+    from morer1.metrics import SUMMARY_KEYS, flat_metrics, write_metrics_files
     from morer1.report import write_report
 
+    models = list(dict.fromkeys(str(m) for m in models))
+    names = {m: Path(m).name for m in models}
+    if not models or len(set(names.values())) < len(models):
+        raise BadInputError(f"candidate models must be given, with distinct folder names: {models}")
     facts_dir, out_dir = Path(facts_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    labels = read_labels(facts_dir / "labels.json")
-    train_golds = [f["relation"] for f in read_jsonl(facts_dir / "train.jsonl")]
-    dev = sample_facts(read_jsonl(facts_dir / "dev.jsonl"), cfg.max_facts, cfg.seed)
-    test = sample_facts(read_jsonl(facts_dir / "test.jsonl"), cfg.max_facts, cfg.seed)
+    with tracking.stage_run("evaluate", cfg):
+        labels = read_labels(facts_dir / "labels.json")
+        train_golds = [f["relation"] for f in read_jsonl(facts_dir / "train.jsonl")]
+        dev = dev_set(facts_dir, cfg.max_facts, cfg.seed)
+        splits = {"dev": dev.facts, "test": sample_facts(read_jsonl(facts_dir / "test.jsonl"), cfg.max_facts, cfg.seed)}
+        rows: dict[str, dict[str, list[dict]]] = {"dev": {}, "test": {}}
+        results: dict[str, dict[str, dict]] = {m: {} for m in models}
+        for model in models:
+            rows["dev"][model] = predict_facts(model, splits["dev"], facts_dir, labels, cfg)
+            results[model]["dev"] = score(rows["dev"][model], labels, train_golds, cfg.seed)
+        chosen = max(reversed(models), key=lambda m: results[m]["dev"][cfg.selection_metric])
+        # Every candidate is scored on test too, so each stage's gain is visible; the choice above used dev only.
+        for model in models:
+            rows["test"][model] = predict_facts(model, splits["test"], facts_dir, labels, cfg)
+            results[model]["test"] = score(rows["test"][model], labels, train_golds, cfg.seed)
 
-    candidates, dev_rows = {}, {}
-    for model in cfg.models:
-        dev_rows[model] = predict_facts(model, dev, facts_dir, labels, cfg)
-        candidates[model] = score(dev_rows[model], labels, train_golds, cfg.seed)
-    chosen = max(reversed(cfg.models), key=lambda m: candidates[m][cfg.selection_metric])
-    # Every candidate is scored on test too, so each stage's gain is visible; the choice above used dev only.
-    test_rows, tested = {}, {}
-    for model in cfg.models:
-        test_rows[model] = predict_facts(model, test, facts_dir, labels, cfg)
-        tested[model] = score(test_rows[model], labels, train_golds, cfg.seed)
-    results = {"dev": candidates[chosen], "test": tested[chosen]}
+        candidates = {names[m]: {f"{split}_{k}": results[m][split][k] for split in ("dev", "test")
+                                 for k in CANDIDATE_KEYS} for m in models}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_metrics_files(results[chosen], out_dir, extra={"candidates": candidates})
+        keep = ("id", "relation", "predicted", "completion")
+        for split in ("dev", "test"):
+            write_jsonl(out_dir / f"predictions_{split}.jsonl", ({k: r[k] for k in keep} for r in rows[split][chosen]))
+        staging = out_dir / "report.new"
+        shutil.rmtree(staging, ignore_errors=True)
+        write_report(rows["dev"][chosen], facts_dir, staging, title=f"morer1 error analysis: {chosen} on dev",
+                     metrics=results[chosen]["dev"], max_samples=cfg.report_max_samples)
+        swap_in(staging, out_dir / "report")
+        write_text_atomic(out_dir / "chosen.json", json.dumps({
+            "model_dir": chosen, "model_sha256": folder_sha256(chosen), "selection_metric": cfg.selection_metric,
+            "labels": list(labels), "dev_set": dev.sha256, "dev_eval": dev_eval(cfg),
+            "metrics": {f"{split}_{k}": results[chosen][split][k] for split in ("dev", "test") for k in SUMMARY_KEYS},
+        }, indent=1) + "\n")
 
-    write_metrics_files(results, out_dir)
-    add_candidates(out_dir / "metrics.json", {m: {"dev": candidates[m], "test": tested[m]} for m in cfg.models})
-    write_predictions(dev_rows[chosen], out_dir / "predictions_dev.jsonl")
-    write_predictions(test_rows[chosen], out_dir / "predictions_test.jsonl")
-    selection = {"chosen": chosen, "selection_metric": cfg.selection_metric,
-                 "dev": {m: candidates[m][cfg.selection_metric] for m in cfg.models},
-                 "test": {m: tested[m][cfg.selection_metric] for m in cfg.models}}
-    (out_dir / "selection.json").write_text(json.dumps(selection, indent=1) + "\n")
-    write_report(dev_rows[chosen], facts_dir, out_dir / "report", title=f"morer1 error analysis: {chosen} on dev",
-                 metrics=candidates[chosen], max_samples=cfg.report_max_samples)
-    return {"selection": selection, "results": results}
+        summary = {"chosen": chosen, "selection_metric": cfg.selection_metric,
+                   **{f"{split}_{k}": v for split in ("dev", "test")
+                      for k, v in flat_metrics(results[chosen][split]).items()},
+                   "candidates": candidates}
+        import mlflow
 
-
-def log_to_mlflow(summary: dict, out_dir: str | Path) -> None:
-    """Dev and test metrics (prefixed), the selection, the metric files and the report."""
-    import mlflow
-
-    from morer1.metrics import flat_metrics
-
-    out_dir = Path(out_dir)
-    for split, result in summary["results"].items():
-        mlflow.log_metrics({f"{split}_{k}": v for k, v in flat_metrics(result).items()})
-    for split in ("dev", "test"):
-        for model, value in summary["selection"][split].items():
-            mlflow.log_metric(f"candidate_{split}_{summary['selection']['selection_metric']}_{Path(model).name}", value)
-    mlflow.set_tag("morer1.chosen_model", summary["selection"]["chosen"])
-    for name in ("metrics.json", "selection.json", "dev_per_relation.csv", "test_per_relation.csv",
-                 "dev_confusion.csv", "test_confusion.csv", "predictions_dev.jsonl", "predictions_test.jsonl"):
-        mlflow.log_artifact(str(out_dir / name))
-    mlflow.log_artifacts(str(out_dir / "report"), artifact_path="report")
+        mlflow.set_tag("morer1.chosen_model", chosen)
+        tracking.log_summary(summary)
+        for name in ("metrics.json", "chosen.json", "dev_per_relation.csv", "test_per_relation.csv",
+                     "dev_confusion.csv", "test_confusion.csv", "predictions_dev.jsonl", "predictions_test.jsonl"):
+            mlflow.log_artifact(str(out_dir / name))
+        mlflow.log_artifacts(str(out_dir / "report"), artifact_path="report")
+    return summary

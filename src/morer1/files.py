@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -39,3 +40,14 @@ def swap_in(staging: Path, target: Path) -> None:
     else:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging.rename(target)
+
+
+def folder_sha256(folder: str | Path) -> str:
+    """sha256 over the relative paths and contents of every file under `folder`, in path order."""
+    folder, digest = Path(folder), hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -1,7 +1,9 @@
 """Ingest stage: read a folder in the official MORE layout into clean JSONL facts, crops and rejects.
 
 Nothing in the data is executed: text lines are read with `ast.literal_eval`, `.pth` files with
-`torch.load(weights_only=True)`, and image paths must stay inside `img_org/<split>/`.
+`torch.load(weights_only=True)`, and image paths must stay inside `img_org/<split>/`. Paths written into
+the output name the source as given, relative to the working directory (the project) when inside it, so
+two checkouts in different folders write the same bytes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from morer1 import tracking
 from morer1.errors import BadInputError
 from morer1.files import swap_in, write_jsonl
 from morer1.labels import load_rel2id, type_pair
@@ -338,6 +341,17 @@ def _add_pair_counts(facts: list[dict], object_dict: dict[str, dict]) -> None:
         f["pair_objects"] = len(known)
 
 
+def shown_path(path: str | Path) -> Path:
+    """`path` relative to the working directory when it lies inside it, else as given: what outputs record."""
+    path = Path(path)
+    if path.is_absolute():
+        try:
+            return path.relative_to(Path.cwd())
+        except ValueError:
+            return path
+    return path
+
+
 def failed_rejects_path(output: str | Path) -> Path:
     """`<output>.rejects.jsonl`: the rejects of the last run into `output` if that run failed, else absent."""
     output = Path(output)
@@ -352,7 +366,7 @@ def ingest(source: str | Path, output: str | Path, cfg: IngestConfig) -> dict:
     the lines this run rejected before it stopped go to `<output>.rejects.jsonl` (`report_rejects`
     prints them); the next run removes that file.
     """
-    source, output = Path(source), Path(output)
+    source, output = shown_path(source), Path(output)
     staging = output.with_name(output.name + ".partial")
     failed = failed_rejects_path(output)
     failed.unlink(missing_ok=True)
@@ -389,7 +403,7 @@ def _ingest_into(source: Path, staging: Path, cfg: IngestConfig, rejects: list[d
         (staging / "images" / split).mkdir(parents=True)
 
     images: dict = {}
-    summary: dict = {"source": str(source.resolve()), "facts": {}, "lines": {}, "labels": {}}
+    summary: dict = {"source": str(source), "facts": {}, "lines": {}, "labels": {}}
     for split_file, split in SPLITS.items():
         pth = source / f"ent_{split_file}_dict.pth"
         object_dict = load_object_dict(pth) if pth.exists() else {}
@@ -436,18 +450,35 @@ def report_rejects(output: str | Path, limit: int = 50, stream=sys.stderr) -> No
         print(f"... and {len(rows) - limit} more in {path}", file=stream)
 
 
-def log_to_mlflow(summary: dict, output: str | Path) -> None:
-    """Counts, reject statistics, the summary and rejects files, and each split as a dataset input."""
+def run(cfg: IngestConfig, output: str | Path) -> dict:
+    """The ingest stage: `ingest` the folder `cfg.source` into `output` in an MLflow stage run; return the summary.
+
+    Logs the summary, `rejects.jsonl` and each split as a dataset input. A failed run still prints its rejects
+    (`report_rejects`) and logs them to its failed MLflow run."""
+    import mlflow
+
+    output = Path(output)
+    with tracking.stage_run("ingest", cfg):
+        try:
+            summary = ingest(cfg.source, output, cfg)
+        except BaseException:
+            if failed_rejects_path(output).exists():
+                mlflow.log_artifact(str(failed_rejects_path(output)))
+            raise
+        finally:
+            report_rejects(output)
+        tracking.log_summary(summary)
+        mlflow.log_artifact(str(output / "rejects.jsonl"))
+        _log_datasets(output, summary["facts"])
+    return summary
+
+
+def _log_datasets(output: Path, splits) -> None:
+    """Each split's `id`, `img_id`, `text` and `relation` as an MLflow dataset input of the active run."""
     import mlflow
     import pandas as pd
 
-    output = Path(output)
-    mlflow.log_metrics({f"facts_{split}": n for split, n in summary["facts"].items()})
-    mlflow.log_metrics({"rejects": summary["rejects"], "reject_fraction": summary["reject_fraction"]})
-    mlflow.log_metrics({f"rejects_{kind}": n for kind, n in summary["reject_reasons"].items()})
-    mlflow.log_artifact(str(output / "summary.json"))
-    mlflow.log_artifact(str(output / "rejects.jsonl"))
-    for split in summary["facts"]:
+    for split in splits:
         df = pd.read_json(output / f"{split}.jsonl", lines=True)
         flat = df[["id", "img_id", "text", "relation"]] if len(df) else pd.DataFrame(columns=["id"])
         with warnings.catch_warnings():  # mlflow registers the local source class twice and warns about it

@@ -36,12 +36,14 @@ Definitions, fixed here once for every stage that reports a number:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from morer1.files import write_text_atomic
 from morer1.labels import NONE
 
 INVALID = "invalid"  # confusion column (and CSV value) of an invalid answer
@@ -197,29 +199,29 @@ def flat_metrics(m: dict) -> dict:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
+def _csv(rows) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    return buffer.getvalue()
+
+
 def _write_csvs(m: dict, out_dir: Path, prefix: str = "") -> None:
-    with (out_dir / f"{prefix}per_relation.csv").open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["label", "precision", "recall", "f1", "support"])
-        for row in m["per_relation"]:
-            w.writerow([row["label"], row["precision"], row["recall"], row["f1"], row["support"]])
-    with (out_dir / f"{prefix}confusion.csv").open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["actual", "predicted"])
-        for gold, cols in m["confusion"].items():  # one row per fact, rebuilt from the counts
-            for pred, count in cols.items():
-                w.writerows([[gold, pred]] * count)
+    keys = ("label", "precision", "recall", "f1", "support")
+    write_text_atomic(out_dir / f"{prefix}per_relation.csv",
+                      _csv([list(keys), *([row[k] for k in keys] for row in m["per_relation"])]))
+    facts = [[gold, pred] for gold, cols in m["confusion"].items() for pred, n in cols.items() for _ in range(n)]
+    write_text_atomic(out_dir / f"{prefix}confusion.csv", _csv([["actual", "predicted"], *facts]))  # one row per fact
 
 
-def write_metrics_files(metrics: dict, out_dir) -> dict[str, Path]:
-    """Write DVC metrics and plots files into `out_dir`; return their paths by name.
+def write_metrics_files(metrics: dict, out_dir, extra: dict | None = None) -> dict[str, Path]:
+    """Write DVC metrics and plots files into `out_dir`, each atomically; return their paths by name.
 
     `metrics` is one compute_metrics result, optionally with a `baselines` entry (a baselines() result),
     or a dict split -> such results. Files: `metrics.json` (numbers only, flat; nested one level by
     split for a split dict), `per_relation.csv` (label,precision,recall,f1,support; every per_relation
     row, the `none` and `invalid` rows last) and `confusion.csv` (actual,predicted, one row per fact;
     invalid answers as `invalid`). For a split dict the CSVs are `<split>_per_relation.csv` and
-    `<split>_confusion.csv`.
+    `<split>_confusion.csv`. `extra` entries (numbers, or dicts of numbers, nested) are added to `metrics.json`.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -237,5 +239,5 @@ def write_metrics_files(metrics: dict, out_dir) -> dict[str, Path]:
             flat[split] = flat_metrics(m)
             _write_csvs(m, out_dir, f"{split}_")
             names += [f"{split}_per_relation", f"{split}_confusion"]
-    (out_dir / "metrics.json").write_text(json.dumps(flat, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_text_atomic(out_dir / "metrics.json", json.dumps({**flat, **(extra or {})}, indent=2, sort_keys=True) + "\n")
     return {"metrics": out_dir / "metrics.json", **{name: out_dir / f"{name}.csv" for name in names}}

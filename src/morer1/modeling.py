@@ -70,3 +70,26 @@ def image_token_count(processor: ProcessorMixin, width: int, height: int) -> int
     image_processor = processor.image_processor
     patches = image_processor.get_number_of_image_patches(height, width, {})
     return patches // image_processor.merge_size**2
+
+
+def set_pixel_bounds(processor: ProcessorMixin, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Bound the pixels the image processor resizes an image to (a Qwen2-VL class processor keeps them as
+    `size["shortest_edge"]` and `size["longest_edge"]`, and `save_pretrained` writes them); None keeps its own."""
+    from transformers.image_utils import SizeDict
+
+    if min_pixels is None and max_pixels is None:
+        return
+    image_processor = processor.image_processor
+    size = getattr(image_processor, "size", None)
+    try:
+        bounds = {"shortest_edge": size["shortest_edge"], "longest_edge": size["longest_edge"]}
+    except (TypeError, KeyError) as exc:
+        raise ModelFolderError(f"{type(image_processor).__name__} keeps no pixel bounds (size shortest_edge/"
+                               f"longest_edge) to set min_pixels/max_pixels on") from exc
+    if min_pixels is not None:
+        bounds["shortest_edge"] = min_pixels
+    if max_pixels is not None:
+        bounds["longest_edge"] = max_pixels
+    if bounds["shortest_edge"] > bounds["longest_edge"]:
+        raise ModelFolderError(f"min_pixels {bounds['shortest_edge']} > max_pixels {bounds['longest_edge']}")
+    image_processor.size = SizeDict(**bounds)

@@ -1,20 +1,42 @@
-"""Running DVC stages from an orchestrator: stage order, one `dvc repro` per stage, exit-code triage, and the
-markdown summaries the Prefect flows post."""
+"""Running the DVC pipeline from an orchestrator: DVC's own stage order and status, one `dvc repro --single-item`
+per stage that may have changed, exit-code triage, params profiles as DVC experiments, and the markdown
+summaries the Prefect flows post.
+
+Nothing here reads DVC's log text:
+- the order is a topological order of DVC's stage graph (`Repo.index.graph`; ties keep dvc.yaml's order);
+- what changed comes from `Repo.status()`, asked once for the whole pipeline (`plan_pipeline`): a stage runs
+  when it changed or a stage upstream of it ran, so a run where nothing changed calls no stage at all;
+- a stage runs in a helper process (`python -m morer1.orchestrate --result FILE repro STAGE`) that calls DVC's
+  `Repo.reproduce` in-process and writes what happened as JSON: `ran` or `skipped` from the stages DVC returns
+  as reproduced, or `failed` with the stage command's exit code. That code comes from the file the morer1
+  CLI writes when `MORER1_EXIT_FILE` is set (`record_exit`; it survives `accelerate launch`, which turns
+  every failure into exit code 1), else from DVC's `StageCmdFailedError`, whose message is the only place
+  DVC keeps the code (`failed to run: <cmd>, exited with N`; the exception has no attribute for it).
+
+A params profile (`profiles/<name>.yaml`) is an overlay: only the keys it changes. `run_experiment` runs it as
+a DVC experiment in a temporary copy of the workspace (`dvc exp run --temp -S key=value ...`), so params.yaml,
+dvc.lock and the outputs in the workspace stay as they are; the experiment is kept as a Git ref
+(`dvc exp show`, `dvc exp apply <name>`).
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from contextlib import chdir
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
 
-from morer1.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED
+from morer1.errors import EXIT_BAD_INPUT, EXIT_FILE_ENV, EXIT_GATE_FAILED, BadInputError
 
 TAIL_LINES = 40
 
@@ -23,11 +45,11 @@ TAIL_LINES = 40
 class StageResult:
     stage: str
     status: str  # "ran" or "skipped"
-    seconds: float
+    seconds: float | None
 
 
 class StageFailed(Exception):
-    """A DVC stage failed; `exit_code` is the stage command's own exit code when DVC reports it."""
+    """A DVC stage (or a profile's experiment) failed; `exit_code` is the stage command's own exit code when known."""
 
     def __init__(self, stage: str, exit_code: int | None, log_tail: str):
         self.stage, self.exit_code, self.log_tail = stage, exit_code, log_tail
@@ -41,11 +63,6 @@ class StageFailed(Exception):
         return self.exit_code not in (EXIT_BAD_INPUT, EXIT_GATE_FAILED)
 
 
-def dvc_stages(project_dir: str | Path) -> list[str]:
-    """Stage names of dvc.yaml in file order (DVC's dependency order for a linear pipeline)."""
-    return list(yaml.safe_load((Path(project_dir) / "dvc.yaml").read_text())["stages"])
-
-
 def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for stage commands: this interpreter's bin folder first on PATH (for `morer1`, `dvc`)."""
     env = dict(os.environ, **(extra or {}))
@@ -53,48 +70,237 @@ def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+# --- the pipeline as DVC sees it ----------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """The stages to consider, in DVC's dependency order, and which of them DVC reports as changed."""
+
+    stages: list[str]
+    changed: set[str]
+    upstream: dict[str, set[str]] = field(default_factory=dict)  # stage -> stages it depends on (transitively)
+
+    def needs_run(self, stage: str, ran: set[str]) -> bool:
+        """Ask DVC to reproduce `stage`: it changed, or a stage it depends on ran in this pipeline run."""
+        return stage in self.changed or bool(self.upstream.get(stage, set()) & ran)
+
+
+def _graph_order(repo) -> tuple[list, dict]:
+    """Pipeline stages of `repo` (dvc.yaml stages, not .dvc files) in a topological order of DVC's graph, upstream
+    first, ties broken by their order in the dvc.yaml files; and each one's upstream stages."""
+    import networkx as nx
+    from dvc.stage import PipelineStage
+
+    graph = repo.index.graph  # edges point from a stage to the stages whose outputs it depends on
+    position = {stage: i for i, stage in enumerate(repo.index.stages)}
+    order = [s for s in nx.lexicographical_topological_sort(graph.reverse(copy=False),
+                                                            key=lambda s: f"{position.get(s, 0):09d}")
+             if isinstance(s, PipelineStage)]
+    upstream = {s.addressing: {u.addressing for u in nx.descendants(graph, s) if isinstance(u, PipelineStage)}
+                for s in order}
+    return order, upstream
+
+
+def dvc_stages(project_dir: str | Path) -> list[str]:
+    """Stage names of the project's pipeline in DVC's dependency order (upstream first)."""
+    from dvc.repo import Repo
+
+    with chdir(project_dir), Repo() as repo:  # DVC names stages relative to the working directory
+        return [s.addressing for s in _graph_order(repo)[0]]
+
+
+def plan_pipeline(project_dir: str | Path, stages: list[str] | None = None) -> Plan:
+    """Order `stages` (default: all) by DVC's graph and ask DVC once which of them changed (`Repo.status`)."""
+    from dvc.repo import Repo
+
+    with chdir(project_dir), Repo() as repo:  # DVC names stages relative to the working directory
+        order, upstream = _graph_order(repo)
+        names = [s.addressing for s in order]
+        unknown = sorted(set(stages or []) - set(names))
+        if unknown:
+            raise BadInputError(f"no such stage: {', '.join(unknown)}; stages: {', '.join(names)}")
+        chosen = [n for n in names if not stages or n in stages]
+        changed = set(repo.status(targets=chosen)) if chosen else set()
+    return Plan(chosen, changed, {n: upstream[n] for n in chosen})
+
+
+# --- running DVC in a helper process -------------------------------------------------------------------------
+
+_CMD_EXIT = re.compile(r"exited with (-?\d+)$")
+
+
+def command_exit_code(exc: BaseException) -> int | None:
+    """The stage command's exit code carried by DVC's `StageCmdFailedError` in `exc`'s chain, if any."""
+    from dvc.stage.exceptions import StageCmdFailedError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, StageCmdFailedError):
+            match = _CMD_EXIT.search(str(exc))
+            return int(match.group(1)) if match else None
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _helper(project_dir: Path, action: list[str]) -> dict:
+    """In the helper process: run DVC in-process; what happened, as a JSON-able dict."""
+    from dvc.repo import Repo  # importing dvc sets up its console logging, as `dvc repro` prints it
+
+    try:
+        with Repo(str(project_dir)) as repo:
+            if action[0] == "repro":
+                done = repo.reproduce(action[1], single_item=True)
+                return {"status": "ran" if done else "skipped"}
+            name, targets, overrides = action[1], action[2], action[3]
+            result = repo.experiments.run(targets=targets or None, params=overrides or None, tmp_dir=True, name=name)
+            return {"status": "ran", "experiment": name, "rev": next(iter(result), None)}
+    except Exception as exc:  # noqa: BLE001 - every failure is reported to the orchestrator
+        chain, seen = [], set()
+        while exc is not None and id(exc) not in seen:
+            seen.add(id(exc))
+            chain.append(exc)
+            exc = exc.__cause__ or exc.__context__
+        error = ": ".join(str(e) or type(e).__name__ for e in chain)
+        print(f"ERROR: {error}", file=sys.stderr)  # as `dvc repro` reports it
+        return {"status": "failed", "exit_code": command_exit_code(chain[0]), "error": error}
+
+
+def _run_helper(project_dir: str | Path, label: str, args: list[str], env: dict[str, str] | None) -> dict:
+    """Run the helper (`python -m morer1.orchestrate ...`) with the stage output captured; its result, or
+    StageFailed with the output's tail."""
+    with tempfile.TemporaryDirectory(prefix="morer1-stage-") as tmp:
+        result_file, exit_file = Path(tmp) / "result.json", Path(tmp) / "exit.json"
+        proc = subprocess.run([sys.executable, "-m", "morer1.orchestrate", "--result", str(result_file), *args],
+                              cwd=project_dir, env=stage_env({**(env or {}), EXIT_FILE_ENV: str(exit_file)}),
+                              capture_output=True, text=True)
+        result = json.loads(result_file.read_text()) if result_file.is_file() else {
+            "status": "failed", "exit_code": None, "error": f"helper exited with {proc.returncode}"}
+        if exit_file.is_file():  # the morer1 command said why it stopped
+            result["exit_code"] = json.loads(exit_file.read_text())["exit_code"]
+    if result["status"] == "failed":
+        log = (proc.stdout + proc.stderr).strip() or result.get("error", "")
+        raise StageFailed(label, result.get("exit_code"), "\n".join(log.splitlines()[-TAIL_LINES:]))
+    return result
+
+
 def repro_stage(project_dir: str | Path, stage: str, env: dict[str, str] | None = None) -> StageResult:
-    """`dvc repro --single-item <stage>`; StageFailed with the log tail when it fails."""
+    """`dvc repro --single-item <stage>`: ran or skipped (DVC's own answer); StageFailed with the log tail."""
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=project_dir,
-                          env=stage_env(env), capture_output=True, text=True)
-    log = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        code = re.search(r"exited with (\d+)", log)
-        tail = "\n".join(log.strip().splitlines()[-TAIL_LINES:])
-        raise StageFailed(stage, int(code.group(1)) if code else None, tail)
-    skipped = f"Stage '{stage}' didn't change, skipping" in log
-    return StageResult(stage, "skipped" if skipped else "ran", round(time.monotonic() - start, 1))
+    result = _run_helper(project_dir, stage, ["repro", stage], env)
+    return StageResult(stage, result["status"], round(time.monotonic() - start, 1))
 
 
-def apply_profile(project_dir: str | Path, profile: str) -> Path | None:
-    """Make `profiles/<profile>.yaml` the project's params.yaml; return where the previous one was saved.
+# --- params profiles: overlays run as DVC experiments --------------------------------------------------------
 
-    The previous params.yaml is kept under `<state>/params-backups/` (nothing is lost); None when the
-    profile is already in place. Raises BadInputError naming the profiles that exist when it is unknown.
-    """
-    import shutil
-    from datetime import datetime, timezone
+def profiles(project_dir: str | Path) -> list[str]:
+    return sorted(p.stem for p in (Path(project_dir) / "profiles").glob("*.yaml"))
 
-    from morer1.errors import BadInputError
 
+def load_profile(project_dir: str | Path, profile: str) -> dict:
+    """The overlay `profiles/<profile>.yaml`: a mapping holding only the keys the profile changes."""
+    path = Path(project_dir) / "profiles" / f"{profile}.yaml"
+    if not path.is_file():
+        raise BadInputError(f"{path}: no such params profile; profiles: {', '.join(profiles(project_dir)) or 'none'}")
+    overlay = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(overlay, dict):
+        raise BadInputError(f"{path}: a profile is a mapping of params.yaml sections")
+    return overlay
+
+
+def _leaves(overlay: dict, prefix: tuple[str, ...] = ()):
+    """(key path, value) of every value an overlay sets; a mapping is descended into, a list is one value."""
+    for key, value in overlay.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, (*prefix, str(key)))
+        else:
+            yield (*prefix, str(key)), value
+
+
+def stale_keys(params: dict, overlay: dict) -> list[str]:
+    """Dotted keys the overlay sets that params.yaml does not have (a profile may change keys, not add them)."""
+    stale = []
+    for path, _ in _leaves(overlay):
+        node = params
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                stale.append(".".join(path))
+                break
+            node = node[key]
+    return stale
+
+
+def merge_params(params: dict, overlay: dict) -> dict:
+    """params.yaml with the overlay applied: mappings merge key by key, anything else is replaced."""
+    merged = dict(params)
+    for key, value in overlay.items():
+        merged[key] = (merge_params(params[key], value) if isinstance(value, dict) and isinstance(params.get(key), dict)
+                       else value)
+    return merged
+
+
+def _hydra_value(value, where: str) -> str:
+    """`value` in the override grammar of `dvc exp run -S` (Hydra's), so that it parses back to the same value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        if "\\" in value or "${" in value:
+            raise BadInputError(f"{where}: a profile value may not hold a backslash or `${{`: {value!r}")
+        return "'" + value.replace("'", "\\'") + "'"
+    if isinstance(value, list):
+        return "[" + ",".join(_hydra_value(v, where) for v in value) + "]"
+    raise BadInputError(f"{where}: unsupported profile value {value!r}")
+
+
+def set_param_overrides(project_dir: str | Path, profile: str) -> list[str]:
+    """The profile as `dvc exp run -S` overrides of params.yaml (`section.key=value`), after checking that every
+    key it sets exists in params.yaml (BadInputError naming the profile and the stale keys)."""
+    from morer1.params import read_params
+
+    overlay = load_profile(project_dir, profile)
+    stale = stale_keys(read_params(Path(project_dir) / "params.yaml"), overlay)
+    if stale:
+        raise BadInputError(f"profile {profile}: keys not in params.yaml: {', '.join(stale)}")
+    return [f"{'.'.join(path)}={_hydra_value(value, f'profile {profile}: ' + '.'.join(path))}"
+            for path, value in _leaves(overlay)]
+
+
+def experiment_name(profile: str, when: datetime | None = None) -> str:
+    """A DVC experiment name for a run of `profile`: the profile and the UTC time, unique per second."""
+    return f"{profile}-{(when or datetime.now(timezone.utc)):%Y%m%d-%H%M%S}"
+
+
+def run_experiment(project_dir: str | Path, name: str, overrides: list[str], stages: list[str] | None = None,
+                   env: dict[str, str] | None = None) -> dict:
+    """`dvc exp run --temp -n <name> -S ... [stages]`: the pipeline with the overrides applied in a temporary copy
+    of the workspace; the workspace is left as it was. {"experiment", "rev", "seconds"}; StageFailed on failure."""
+    start = time.monotonic()
+    args = ["exp-run", name, *[a for s in stages or [] for a in ("--target", s)],
+            *[a for o in overrides for a in ("--set-param", o)]]
+    result = _run_helper(project_dir, f"experiment {name}", args, env)
+    return {"experiment": name, "rev": result["rev"], "seconds": round(time.monotonic() - start, 1)}
+
+
+def _lock_stages(text: str | None) -> dict:
+    return (yaml.safe_load(text) or {}).get("stages", {}) if text else {}
+
+
+def experiment_stage_results(project_dir: str | Path, rev: str, stages: list[str]) -> list[dict]:
+    """Per stage: `ran` when the experiment's dvc.lock entry differs from the workspace's (its inputs or outputs
+    differ from the workspace's), else `skipped`."""
     project = Path(project_dir)
-    source = project / "profiles" / f"{profile}.yaml"
-    if not source.is_file():
-        known = sorted(p.stem for p in (project / "profiles").glob("*.yaml"))
-        raise BadInputError(f"{source}: no such params profile; profiles: {', '.join(known) or 'none'}")
-    target = project / "params.yaml"
-    if target.is_file() and target.read_bytes() == source.read_bytes():
-        return None
-    backup = None
-    if target.is_file():
-        folder = Path(os.environ.get("MORER1_STATE_DIR", project / ".state")) / "params-backups"
-        folder.mkdir(parents=True, exist_ok=True)
-        backup = folder / f"params.{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}.yaml"
-        shutil.copyfile(target, backup)
-    shutil.copyfile(source, target)
-    return backup
+    shown = subprocess.run(["git", "show", f"{rev}:dvc.lock"], cwd=project, capture_output=True, text=True)
+    theirs = _lock_stages(shown.stdout if shown.returncode == 0 else None)
+    ours = _lock_stages((project / "dvc.lock").read_text(encoding="utf-8") if (project / "dvc.lock").is_file() else None)
+    return [{"stage": s, "status": "ran" if theirs.get(s) != ours.get(s) else "skipped", "seconds": None}
+            for s in stages]
 
+
+# --- process set-up and summaries ----------------------------------------------------------------------------
 
 def set_env_defaults(project_dir: str | Path) -> None:
     """Default `MORER1_STATE_DIR` (`<project>/.state`), a Prefect home inside it, no Prefect analytics, and a
@@ -102,7 +308,7 @@ def set_env_defaults(project_dir: str | Path) -> None:
 
     Call before importing prefect: Prefect reads its settings at import.
     """
-    os.environ.setdefault("MORER1_STATE_DIR", str(Path(project_dir) / ".state"))
+    os.environ.setdefault("MORER1_STATE_DIR", str(Path(project_dir).resolve() / ".state"))
     os.environ.setdefault("PREFECT_HOME", str(Path(os.environ["MORER1_STATE_DIR"]) / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the temporary server may need more than Prefect's default 20 s to start on a loaded 2-core machine
@@ -127,15 +333,28 @@ def promotion_markdown(decision: dict) -> str:
             f"vs {_cell(decision['champion_value'])}, margin {decision['margin']}).\n")
 
 
-def summary_markdown(project_dir: str | Path, results: list[dict], run_id: str, experiment_id: str) -> str:
+def summary_markdown(project_dir: str | Path, results: list[dict], run_id: str, experiment_id: str,
+                     dvc_experiment: dict | None = None) -> str:
     """The pipeline summary: MLflow run, stage table, and the outputs of `evaluate` (`reports/eval/metrics.json`)
-    and `register` (`reports/registry/registered.json`) when those stages succeeded in `results`."""
+    and `register` (`reports/registry/registered.json`) when those stages succeeded in `results`.
+
+    For a profile run (`dvc_experiment`: its name, profile, rev), the outputs are in the experiment, not in the
+    workspace: the summary names the experiment instead of reading the workspace's reports.
+    """
     project = Path(project_dir)
     done = {r["stage"] for r in results if r["status"] in ("ran", "skipped")}
     rows = "".join(f"| {r['stage']} | {r['status']} | {'–' if r['seconds'] is None else r['seconds']} |\n"
                    for r in results)
-    text = (f"# morer1 pipeline\n\nMLflow run `{run_id}` (experiment `{experiment_id}`)\n\n"
-            f"| stage | status | seconds |\n|---|---|---|\n{rows}")
+    text = f"# morer1 pipeline\n\nMLflow run `{run_id}` (experiment `{experiment_id}`)\n\n"
+    if dvc_experiment:
+        name = dvc_experiment["experiment"]
+        text += (f"Params profile `{dvc_experiment['profile']}`, run as DVC experiment `{name}`"
+                 + (f" (`{dvc_experiment['rev'][:7]}`)" if dvc_experiment.get("rev") else "")
+                 + f": `dvc exp show` compares it, `dvc exp apply {name}` brings its params and outputs into the "
+                 "workspace. A stage `ran` when its dvc.lock entry differs from the workspace's.\n\n")
+    text += f"| stage | status | seconds |\n|---|---|---|\n{rows}"
+    if dvc_experiment:
+        return text
     metrics_file = project / "reports" / "eval" / "metrics.json"
     if "evaluate" in done and metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
@@ -149,3 +368,24 @@ def summary_markdown(project_dir: str | Path, results: list[dict], run_id: str, 
         text += (f"\n## Registry\n\nRegistered `{registered['model_name']}` version {registered['version']} "
                  f"(alias `challenger`).\n\n" + promotion_markdown(registered["promotion"]))
     return text
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """The helper process: `repro STAGE` or `exp-run NAME [--target S]... [--set-param K=V]...`, result as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m morer1.orchestrate")
+    parser.add_argument("--result", required=True, help="file to write the outcome to (JSON)")
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("repro").add_argument("stage")
+    exp = sub.add_parser("exp-run")
+    exp.add_argument("name")
+    exp.add_argument("--target", action="append", default=[])
+    exp.add_argument("--set-param", action="append", default=[])
+    args = parser.parse_args(argv)
+    action = ["repro", args.stage] if args.action == "repro" else ["exp-run", args.name, args.target, args.set_param]
+    result = _helper(Path.cwd(), action)
+    Path(args.result).write_text(json.dumps(result), encoding="utf-8")
+    return 0 if result["status"] != "failed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -12,6 +12,22 @@ from morer1.errors import BadInputError
 
 DEFAULT_PARAMS = Path("params.yaml")
 
+# params.yaml section -> "module:Config" of the typed config that reads it (imported on demand)
+SECTIONS = {
+    "demo_data": "morer1.demo_data:DemoDataConfig",
+    "ingest": "morer1.ingest:IngestConfig",
+    "validate": "morer1.validate:ValidateConfig",
+    "synthesize": "morer1.synthesize:SynthesizeConfig",
+    "tiny_model": "morer1.tiny_model:TinyModelConfig",
+    "sft": "morer1.sft:SFTConfig",
+    "rollout": "morer1.rollout:RolloutConfig",
+    "difficulty": "morer1.difficulty:DifficultyConfig",
+    "curriculum": "morer1.curriculum:CurriculumConfig",
+    "grpo": "morer1.grpo:GRPOConfig",
+    "evaluate": "morer1.evaluate:EvaluateConfig",
+    "register": "morer1.registry:RegisterConfig",
+}
+
 
 class StageConfig(BaseModel):
     """Base of every stage config: unknown keys are an error, not silently ignored."""
@@ -40,6 +56,16 @@ def read_params(path: str | Path = DEFAULT_PARAMS) -> dict:
     return data
 
 
+def section_config(section: str) -> type[StageConfig]:
+    """The config class of a params section (ParamsError naming the known sections when there is none)."""
+    from importlib import import_module
+
+    if section not in SECTIONS:
+        raise ParamsError(f"no params section '{section}'; sections: {', '.join(SECTIONS)}")
+    module, name = SECTIONS[section].split(":")
+    return getattr(import_module(module), name)
+
+
 def load_section(section: str, model: type[T], path: str | Path | None = DEFAULT_PARAMS, **overrides) -> T:
     """Section `section` of the params file (None: defaults only) as `model`; overrides that are not None win."""
     values = dict(read_params(path).get(section) or {}) if path is not None else {}
@@ -47,4 +73,19 @@ def load_section(section: str, model: type[T], path: str | Path | None = DEFAULT
     try:
         return model(**values)
     except ValidationError as exc:
-        raise ParamsError(f"{path or 'defaults'}: section '{section}': {exc}") from exc
+        where = path or "no params file: the code's defaults, which do not cover every setting (params.yaml does)"
+        raise ParamsError(f"{where}: section '{section}': {exc}") from exc
+
+
+def describe(model: type[BaseModel], section: str) -> str:
+    """Help text for a params section, one line per field from the config's own descriptions and defaults."""
+    lines = []
+    for name, field in model.model_fields.items():
+        key = f"{section}.{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines.append(describe(annotation, key))
+            continue
+        default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+        lines.append(f"  {key}: {field.description or ''} ({default})")
+    return "\n".join(lines)

@@ -1,69 +1,55 @@
-"""The model as an MLflow pyfunc, its registration as `challenger`, and promotion to `champion`.
+"""Register stage: the model evaluate chose, registered in MLflow as `challenger`, then promoted to `champion`
+when it beats the champion on dev.
 
-Pyfunc input, a DataFrame with one row per question (extra columns are ignored):
+Register reads only `chosen.json` written by evaluate: the model folder and its content hash, the label set it
+was scored with, and the metrics the version is tagged with. Each registered version carries tags `git_commit`,
+`dvc_lock_sha256`, `data_version`, `model_dir`, `model_sha256`, one tag per metric (e.g. `dev_f1`), and the identity
+of the evaluation its dev metrics came from: `dev_set` (the fingerprint of the dev facts scored, see `dev_set`) and
+`dev_eval` (the evaluate settings that scored them, as JSON).
 
-    image   str        path of an image file, or the image file's bytes base64-encoded (a
-                       `data:image/...;base64,` prefix is allowed); a string naming an existing file is a path
-    title   str        the news title
-    entity  str        the target entity, as written in the title
-    box     list[int]  the object box [x0, y0, x1, y1] in integer pixels of `image`, x1 and y1 exclusive
-                       (as `object.box` of the ingested facts); it must lie inside the image
-
-Output, a DataFrame with one row per input row:
-
-    label       str or None  the label of the answer; None when the completion has no single valid label
-    rationale   str or None  the text inside <think></think>, stripped; None when there is none
-    completion  str          the raw generated text
-
-The predictor checks every row, crops the object from the image itself, writes the photo and the crop as
-PNG files to a temporary folder and generates greedily with `morer1.generation.generate_completions`, the
-decoding of evaluation. Bad input raises BadInputError naming the 0-based row (HTTP 400 when served).
-Serving needs `morer1` installed beside MLflow (`--env-manager local` in the project's environment, with its
-`bin/` on PATH, since `mlflow models serve` runs `uvicorn`): the logged model refers to this module, it does
-not carry a copy.
-
-Registry: each registered version carries tags `git_commit`, `dvc_lock_sha256`, `data_version` and one tag
-per metric given (e.g. `dev_f1`). `promote` moves the `champion` alias, never deletes it.
+`promote` compares like with like: the champion's metric tag only when the champion was scored on the same dev set
+with the same settings as the challenger; otherwise it scores the champion's registered model on the challenger's
+dev facts (evaluate's own `predict_facts` and `score`) or, when it cannot, refuses. It moves the `champion` alias,
+never deletes it. The served model itself is `morer1.serve`.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import json
 import math
-import os
 import tempfile
-from collections.abc import Iterable
-from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import version
-from numbers import Integral
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import mlflow.pyfunc
-import pandas as pd
+import mlflow
 from pydantic import Field
 
 from morer1.errors import BadInputError
-from morer1.params import StageConfig
+from morer1.files import write_text_atomic
+# MorePredictor is also looked up here by versions registered before it moved to morer1.serve (their pickle names
+# morer1.registry.MorePredictor).
+from morer1.serve import OUTPUT_EXAMPLE, MorePredictor, ServeConfig, input_example, serve_model_config
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
-    from PIL import Image
+
+    from morer1.evaluate import DevSet
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
-INPUT_COLUMNS = ("image", "title", "entity", "box")
 DATA_PATH = "data/ingested"  # the DVC output whose hash is a version's `data_version`
+DEV_SET_TAG = "dev_set"  # fingerprint of the dev facts a version's dev metrics were computed on (`dev_set`)
+DEV_EVAL_TAG = "dev_eval"  # JSON of the evaluate settings that computed them
+SAME_DATA = "tag, same data"  # `champion_scored` when the champion's own tag is compared
 # What the logged model needs besides morer1 itself; given explicitly, so MLflow never loads the model to infer it.
 REQUIREMENTS = ("mlflow", "torch", "torchvision", "transformers", "tokenizers", "pillow", "pandas", "pydantic",
                 "pyyaml")
 
 
-class RegisterConfig(StageConfig):
+class RegisterConfig(ServeConfig):
     """Parameters of the register and promote steps, and of the served model's generation."""
 
     model_name: str = Field("morer1", min_length=1, description="Registered model name in the MLflow registry.")
@@ -71,109 +57,11 @@ class RegisterConfig(StageConfig):
         "dev_f1", min_length=1, description="Dev metric (a version tag) on which challenger and champion are compared.")
     margin: float = Field(
         0.005, ge=0, description="Promote only a challenger whose metric beats the champion's by more than this.")
-    max_new_tokens: int = Field(256, ge=1, description="Longest completion the served model generates, in tokens.")
-    batch_size: int = Field(4, ge=1, description="Rows generated together by the served model.")
-
-
-class MorePredictor(mlflow.pyfunc.PythonModel):
-    """Pyfunc of a morer1 model: artifacts `model` (a saved model and processor folder) and `labels` (labels.json)."""
-
-    def load_context(self, context) -> None:
-        labels = json.loads(Path(context.artifacts["labels"]).read_text(encoding="utf-8"))
-        self.load(context.artifacts["model"], labels, context.model_config or {})
-
-    def load(self, model_dir: str | Path, labels: list[str], model_config: dict) -> None:
-        """Load the model folder; `model_config` may set `max_new_tokens` and `batch_size`."""
-        from morer1.modeling import load_model_and_processor
-        from morer1.prompt import model_prompt
-
-        self.model, self.processor = load_model_and_processor(model_dir)
-        self.prompt = model_prompt(model_dir)
-        self.labels = tuple(labels)
-        self.max_new_tokens = int(model_config.get("max_new_tokens", RegisterConfig().max_new_tokens))
-        self.batch_size = int(model_config.get("batch_size", RegisterConfig().batch_size))
-
-    def predict(self, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        """Label and rationale for each row of the input DataFrame (see the module docstring)."""
-        from morer1.generation import generate_completions
-        from morer1.parsing import parse_completion
-
-        rows = checked_rows(model_input)
-        with tempfile.TemporaryDirectory(prefix="morer1-predict-") as folder:
-            facts = [write_fact(i, row, Path(folder)) for i, row in enumerate(rows)]
-            completions = [c[0] for c in generate_completions(
-                self.model, self.processor, facts, folder, self.labels, max_new_tokens=self.max_new_tokens,
-                batch_size=self.batch_size, progress=False, prompt=self.prompt)]
-        parsed = [parse_completion(c, self.labels) for c in completions]
-        return pd.DataFrame({
-            "label": pd.Series([p.label for p in parsed], dtype=object),
-            "rationale": pd.Series([p.think.strip() if p.think is not None else None for p in parsed], dtype=object),
-            "completion": pd.Series(completions, dtype=object),
-        })
-
-
-def checked_rows(frame: pd.DataFrame) -> list[dict]:
-    """The input rows as dicts with `box` as four ints; BadInputError naming the first bad row."""
-    missing = [c for c in INPUT_COLUMNS if c not in frame.columns]
-    if missing:
-        raise BadInputError(f"input is missing column(s) {missing}; expected {list(INPUT_COLUMNS)}")
-    rows = []
-    for i, record in enumerate(frame[list(INPUT_COLUMNS)].to_dict("records")):
-        for key in ("image", "title", "entity"):
-            if not isinstance(record[key], str) or not record[key].strip():
-                raise BadInputError(f"row {i}: {key} must be a non-empty string")
-        box = record["box"]
-        values = list(box) if isinstance(box, Iterable) and not isinstance(box, str) else []
-        if len(values) != 4 or not all(isinstance(v, Integral) and not isinstance(v, bool) for v in values):
-            raise BadInputError(f"row {i}: box must be four integers [x0, y0, x1, y1], got {box!r}")
-        rows.append({**record, "box": [int(v) for v in values]})
-    return rows
-
-
-def open_image(value: str) -> Image.Image:
-    """An image from a file path or from base64-encoded bytes (optionally a data URI), as RGB."""
-    from PIL import Image
-
-    source = value if os.path.isfile(value) else None
-    if source is None:
-        try:
-            source = io.BytesIO(base64.b64decode(value.split(",", 1)[-1] if value.startswith("data:") else value,
-                                                 validate=True))
-        except (binascii.Error, ValueError):
-            pass
-    if source is not None:
-        try:
-            with Image.open(source) as image:
-                return image.convert("RGB")
-        except OSError:  # PIL's UnidentifiedImageError included
-            pass
-    shown = value if len(value) <= 60 else value[:57] + "..."
-    raise BadInputError(f"image {shown!r} is neither an image file nor base64-encoded image bytes")
-
-
-def write_fact(i: int, row: dict, folder: Path) -> dict:
-    """Write the photo and the object crop of a checked row as PNG files in `folder`; return its fact record."""
-    try:
-        photo = open_image(row["image"])
-    except BadInputError as exc:
-        raise BadInputError(f"row {i}: {exc}") from None
-    x0, y0, x1, y1 = row["box"]
-    if not (0 <= x0 < x1 <= photo.width and 0 <= y0 < y1 <= photo.height):
-        raise BadInputError(f"row {i}: box {row['box']} is empty or leaves the {photo.width}x{photo.height} image")
-    photo.save(folder / f"{i}.png")
-    photo.crop((x0, y0, x1, y1)).save(folder / f"{i}-crop.png")
-    return {"text": row["title"], "entity": {"name": row["entity"]}, "image": f"{i}.png",
-            "object": {"crop": f"{i}-crop.png"}}
-
-
-def input_example() -> pd.DataFrame:
-    """One self-contained input row (a base64 PNG), from which the model signature is inferred."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 48), (120, 140, 160)).save(buffer, format="PNG")
-    return pd.DataFrame([{"image": base64.b64encode(buffer.getvalue()).decode("ascii"),
-                          "title": "Angela Merkel speaks in Berlin", "entity": "Berlin", "box": [8, 4, 40, 44]}])
+    facts: str = Field(
+        "data/ingested", min_length=1,
+        description="Ingested facts folder evaluate scored: register fingerprints its dev split as the version's dev "
+                    "set; promotion re-scores the champion on it when the champion was scored on other dev data, and "
+                    "refuses when it does not hold the challenger's dev set.")
 
 
 def log_predictor(model_dir: str | Path, labels_path: str | Path, cfg: RegisterConfig) -> str:
@@ -181,16 +69,12 @@ def log_predictor(model_dir: str | Path, labels_path: str | Path, cfg: RegisterC
     from mlflow.models import infer_signature
 
     example = input_example()
-    output = pd.DataFrame([
-        {"label": "none", "rationale": "Step 1: ...", "completion": "<think>Step 1: ...</think><answer>none</answer>"},
-        {"label": None, "rationale": None, "completion": "no answer"},
-    ])
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=MorePredictor(),
         artifacts={"model": str(model_dir), "labels": str(labels_path)},
-        model_config={"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size},
-        signature=infer_signature(example, output),
+        model_config=serve_model_config(cfg),
+        signature=infer_signature(example, OUTPUT_EXAMPLE),
         input_example=example,
         pip_requirements=[f"{name}=={version(name)}" for name in REQUIREMENTS],
     )
@@ -207,9 +91,15 @@ def data_version(cwd: str | Path = ".") -> str:
     stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
     for stage in stages.values():
         for out in stage.get("outs", []):
-            if out.get("path") == DATA_PATH:
-                return str(out.get("md5") or out.get("hash") or "none")
+            if out.get("path") == DATA_PATH:  # DVC 3 writes `hash: md5` (the algorithm) beside `md5: <value>`
+                return str(out.get(out.get("hash") or "md5") or "none")
     return "none"
+
+
+def dev_tags(chosen: dict) -> dict[str, str]:
+    """Version tags naming the evaluation a version's dev metrics came from (evaluate's chosen.json): `dev_set` and
+    `dev_eval`."""
+    return {DEV_SET_TAG: chosen["dev_set"], DEV_EVAL_TAG: json.dumps(chosen["dev_eval"], sort_keys=True)}
 
 
 def register_version(model_uri: str, cfg: RegisterConfig, metrics: dict, tags: dict) -> ModelVersion:
@@ -229,12 +119,10 @@ def register_version(model_uri: str, cfg: RegisterConfig, metrics: dict, tags: d
 
 def register_model(model_dir: str | Path, labels_path: str | Path, cfg: RegisterConfig, metrics: dict,
                    tags: dict) -> ModelVersion:
-    """Log the model as a pyfunc (in the active run, else a `register` run), register it, alias it `challenger`.
+    """Log the model as a pyfunc in the active run, register it, alias it `challenger`.
 
     `metrics` must hold `cfg.metric`; every metric becomes a run metric and a version tag.
     """
-    from morer1 import tracking
-
     if cfg.metric not in metrics:
         raise BadInputError(f"metrics {sorted(metrics)} lack {cfg.metric!r}, the metric promotion compares")
     bad = {k: v for k, v in metrics.items() if not isinstance(v, (int, float)) or not math.isfinite(v)}
@@ -243,12 +131,8 @@ def register_model(model_dir: str | Path, labels_path: str | Path, cfg: Register
     for path in (Path(model_dir) / "config.json", Path(labels_path)):
         if not path.is_file():
             raise BadInputError(f"{path}: missing")
-    mlflow_ = tracking.setup()
-    run = nullcontext() if mlflow_.active_run() else tracking.stage_run("register", cfg)
-    with run:
-        mlflow_.log_metrics({k: float(v) for k, v in metrics.items()})
-        model_uri = log_predictor(model_dir, labels_path, cfg)
-    return register_version(model_uri, cfg, metrics, tags)
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+    return register_version(log_predictor(model_dir, labels_path, cfg), cfg, metrics, tags)
 
 
 def version_by_alias(client, name: str, alias: str) -> ModelVersion | None:
@@ -273,11 +157,87 @@ def tag_metric(model_version: ModelVersion, metric: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def evaluation_of(model_version: ModelVersion) -> tuple[str, str] | None:
+    """(`dev_set`, `dev_eval`) tags of a version, or None when it records no dev evaluation (registered before
+    versions did)."""
+    tags = model_version.tags
+    return (tags[DEV_SET_TAG], tags[DEV_EVAL_TAG]) if DEV_SET_TAG in tags and DEV_EVAL_TAG in tags else None
+
+
+def tag_unusable(cfg: RegisterConfig, champion: ModelVersion, challenger: ModelVersion) -> str | None:
+    """Why the champion's own metric tag cannot be compared with the challenger's, or None when it can: both were
+    scored in one evaluation (same dev set, same evaluate settings) and the champion's tag is a number."""
+    mine, theirs = evaluation_of(challenger), evaluation_of(champion)
+    if theirs is None:
+        return f"champion version {champion.version} records no dev set (tags {DEV_SET_TAG!r}, {DEV_EVAL_TAG!r})"
+    if mine is None:
+        return f"challenger version {challenger.version} records no dev set (tags {DEV_SET_TAG!r}, {DEV_EVAL_TAG!r})"
+    if mine[0] != theirs[0]:
+        return (f"champion version {champion.version} was scored on dev set {theirs[0][:12]} (data version "
+                f"{champion.tags.get('data_version', 'none')}), the challenger on {mine[0][:12]} (data version "
+                f"{challenger.tags.get('data_version', 'none')})")
+    if mine[1] != theirs[1]:
+        return (f"champion version {champion.version} was scored with evaluate settings {theirs[1]}, the challenger "
+                f"with {mine[1]}")
+    if tag_metric(champion, cfg.metric) is None:
+        return f"champion version {champion.version} has no numeric {cfg.metric!r} tag"
+    return None
+
+
+def registered_model_dir(name: str, version: str, dst: str | Path) -> Path:
+    """Download version `version` of registered model `name` into `dst`; return the model folder of its pyfunc."""
+    from mlflow.models import Model
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst)))
+    artifacts = (Model.load(str(local)).flavors.get("python_function") or {}).get("artifacts") or {}
+    if "model" not in artifacts:
+        raise BadInputError(f"version {version} of {name!r} is not a morer1 pyfunc (it has no 'model' artifact)")
+    return local / artifacts["model"]["path"]
+
+
+def rescore(cfg: RegisterConfig, champion: ModelVersion, challenger: ModelVersion) -> tuple[float, DevSet]:
+    """The champion's `cfg.metric` on the challenger's dev set, scored as evaluate scored the challenger.
+
+    The dev facts are those of `cfg.facts`, which must fingerprint to the challenger's `dev_set`; the settings are
+    the challenger's `dev_eval`; the model is the champion's registered one; generation and the MORE metrics are
+    evaluate's own `predict_facts` and `score`. BadInputError saying why when any of it is missing or differs.
+    """
+    from morer1.evaluate import EvaluateConfig, dev_set, predict_facts, score
+    from morer1.metrics import SUMMARY_KEYS
+
+    split, _, key = cfg.metric.partition("_")
+    if split != "dev" or key not in SUMMARY_KEYS:
+        raise BadInputError(f"{cfg.metric!r} is not a dev metric evaluate computes (dev_<{'|'.join(SUMMARY_KEYS)}>)")
+    recorded = evaluation_of(challenger)
+    if recorded is None:
+        raise BadInputError(f"challenger version {challenger.version} records no dev set "
+                            f"(tags {DEV_SET_TAG!r}, {DEV_EVAL_TAG!r})")
+    try:
+        settings = EvaluateConfig(**json.loads(recorded[1]))
+    except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+        raise BadInputError(f"challenger version {challenger.version}: tag {DEV_EVAL_TAG!r} {recorded[1]!r}: "
+                            f"{exc}") from None
+    dev = dev_set(cfg.facts, settings.max_facts, settings.seed)
+    if dev.sha256 != recorded[0]:
+        raise BadInputError(f"{cfg.facts} holds dev set {dev.sha256[:12]}, not the challenger's {recorded[0][:12]}")
+    with tempfile.TemporaryDirectory(prefix="morer1-champion-") as tmp:
+        rows = predict_facts(registered_model_dir(cfg.model_name, champion.version, tmp), dev.facts, dev.facts_dir,
+                             dev.labels, settings)
+    # score() also computes evaluate's baselines from train labels; they are not compared: the dev golds stand in.
+    return float(score(rows, dev.labels, [r["relation"] for r in rows], settings.seed)[key]), dev
+
+
 def promote(cfg: RegisterConfig) -> dict:
     """Move `champion` to the `challenger` version if there is no champion or it wins by more than `cfg.margin`.
 
-    The decision is recorded as `promotion.*` tags on the challenger version and returned. The alias is
-    moved in one registry call before the tags are written, so the model never lacks its champion.
+    A promotion rests on one evaluation: the champion's own metric tag is compared only when champion and challenger
+    were scored on the same dev set with the same evaluate settings (`champion_scored`: "tag, same data"). Otherwise
+    the champion's registered model is scored on the challenger's dev facts first (`rescore`; "re-scored on ..."),
+    and when that is impossible (e.g. `cfg.facts` missing where promote runs, or not the challenger's dev set) the
+    decision is "refused" with the reason and the champion stays. The decision, with both scores, both data
+    versions and dev sets, is recorded as `promotion.*` tags on the challenger version (a re-score also as
+    `rescored.<dev set>.<metric>` on the champion's) and returned. The alias is moved in one registry call before
+    the tags are written, so the model never lacks its champion.
     """
     from mlflow import MlflowClient
 
@@ -293,59 +253,80 @@ def promote(cfg: RegisterConfig) -> dict:
         "model_name": cfg.model_name, "metric": cfg.metric, "margin": cfg.margin,
         "challenger_version": str(challenger.version), "champion_version": str(champion.version) if champion else None,
         "challenger_value": tag_metric(challenger, cfg.metric),
-        "champion_value": tag_metric(champion, cfg.metric) if champion else None,
+        "champion_value": None,  # the number compared: the champion's tag on the same data, else its re-score
+        "champion_scored": None,  # how champion_value was obtained
+        "champion_tag_value": tag_metric(champion, cfg.metric) if champion else None,
+        "challenger_data_version": challenger.tags.get("data_version"),
+        "champion_data_version": champion.tags.get("data_version") if champion else None,
+        "challenger_dev_set": challenger.tags.get(DEV_SET_TAG),
+        "champion_dev_set": champion.tags.get(DEV_SET_TAG) if champion else None,
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    new, old = decision["challenger_value"], decision["champion_value"]
     if decision["champion_version"] == decision["challenger_version"]:
         return {**decision, "decision": "already_champion",
                 "reason": f"version {challenger.version} is already champion"}
+    new, rescored = decision["challenger_value"], None
     if champion is None:
-        promoted, reason = True, "no champion yet"
+        outcome, reason = "promoted", "no champion yet"
     elif new is None:
-        promoted, reason = False, f"challenger has no numeric {cfg.metric!r} tag"
-    elif old is None:
-        promoted, reason = False, (f"champion version {champion.version} has no numeric {cfg.metric!r} tag; "
-                                   "move the alias by hand")
-    elif new > old + cfg.margin:
-        promoted, reason = True, f"{cfg.metric} {new:.4f} beats champion {old:.4f} by more than {cfg.margin}"
+        outcome, reason = "kept", f"challenger has no numeric {cfg.metric!r} tag"
     else:
-        promoted, reason = False, f"{cfg.metric} {new:.4f} does not beat champion {old:.4f} by more than {cfg.margin}"
-    if promoted:
+        why = tag_unusable(cfg, champion, challenger)
+        if why is None:
+            old, how = decision["champion_tag_value"], SAME_DATA
+        else:
+            try:
+                old, rescored = rescore(cfg, champion, challenger)
+                how = (f"re-scored on dev set {rescored.sha256[:12]} ({len(rescored.facts)} facts of "
+                       f"{rescored.facts_dir}; data version {decision['challenger_data_version']})")
+            except BadInputError as exc:
+                old = how = None
+                outcome, reason = "refused", (f"{why}; re-scoring the champion on the challenger's dev set is "
+                                              f"impossible here ({exc}), and unlike {cfg.metric} numbers are not "
+                                              "compared")
+        decision.update(champion_value=old, champion_scored=how)
+        if old is not None and new > old + cfg.margin:
+            outcome, reason = "promoted", (f"{cfg.metric} {new:.4f} beats champion {old:.4f} ({how}) by more than "
+                                           f"{cfg.margin}")
+        elif old is not None:
+            outcome, reason = "kept", (f"{cfg.metric} {new:.4f} does not beat champion {old:.4f} ({how}) by more "
+                                       f"than {cfg.margin}")
+    if outcome == "promoted":
         client.set_registered_model_alias(cfg.model_name, CHAMPION, challenger.version)
-    decision.update(decision="promoted" if promoted else "kept", reason=reason)
-    for key in ("decision", "reason", "metric", "margin", "challenger_value", "champion_value", "champion_version",
-                "timestamp"):
+    decision.update(decision=outcome, reason=reason)
+    for key in ("decision", "reason", "metric", "margin", "challenger_value", "champion_value", "champion_scored",
+                "champion_tag_value", "champion_version", "challenger_data_version", "champion_data_version",
+                "challenger_dev_set", "champion_dev_set", "timestamp"):
         client.set_model_version_tag(cfg.model_name, challenger.version, f"promotion.{key}", str(decision[key]))
+    if rescored is not None:
+        client.set_model_version_tag(cfg.model_name, champion.version, f"rescored.{rescored.sha256[:12]}.{cfg.metric}",
+                                     repr(decision["champion_value"]))
     return decision
 
 
-def load_predictor(model_uri: str | Path, *, labels_path: str | Path | None = None, model_config: dict | None = None):
-    """An object with `.predict(DataFrame) -> DataFrame`, loaded once.
+def run(cfg: RegisterConfig, chosen_path: str | Path, out_dir: str | Path) -> dict:
+    """Register the model of evaluate's `chosen.json` as `challenger` (tagged with its metrics and the evaluation
+    they came from), run the promotion gate, write `out_dir/registered.json`; return it (model name, version, model
+    folder, the promotion decision)."""
+    from morer1 import tracking
+    from morer1.files import folder_sha256
 
-    `model_uri` is an MLflow model URI (`models:/morer1@champion`, `runs:/...`, a pyfunc folder with MLmodel), or a
-    model folder saved by a trainer, wrapped directly with its labels: `labels_path`, else `labels.json` in the
-    folder, else the MORE label set. `model_config` overrides `max_new_tokens` / `batch_size`.
-    """
-    folder = Path(model_uri)
-    if (folder / "config.json").is_file() and not (folder / "MLmodel").is_file():
-        from morer1.labels import DEFAULT_LABELS
-
-        labels_file = Path(labels_path) if labels_path else folder / "labels.json"
-        if labels_path and not labels_file.is_file():
-            raise BadInputError(f"{labels_file}: missing")
-        labels = json.loads(labels_file.read_text(encoding="utf-8")) if labels_file.is_file() else list(DEFAULT_LABELS)
-        predictor = MorePredictor()
-        predictor.load(folder, labels, model_config or {})
-        return predictor
-    if not folder.exists():  # a registry or run URI: resolve it against the project's tracking store
-        from morer1 import tracking
-
-        tracking.setup()
-    return mlflow.pyfunc.load_model(str(model_uri), model_config=model_config)
-
-
-def predict(model_uri: str | Path, inputs: pd.DataFrame, *, labels_path: str | Path | None = None,
-            model_config: dict | None = None) -> pd.DataFrame:
-    """Predictions of the model at `model_uri` for `inputs` (arguments as for `load_predictor`)."""
-    return load_predictor(model_uri, labels_path=labels_path, model_config=model_config).predict(inputs)
+    chosen = json.loads(Path(chosen_path).read_text(encoding="utf-8"))
+    model_dir = chosen["model_dir"]
+    if folder_sha256(model_dir) != chosen["model_sha256"]:
+        raise BadInputError(f"{model_dir} changed since evaluate scored it ({chosen_path}); rerun evaluate")
+    out_dir = Path(out_dir)
+    with tracking.stage_run("register", cfg), tempfile.TemporaryDirectory(prefix="morer1-labels-") as tmp:
+        labels_path = Path(tmp) / "labels.json"
+        labels_path.write_text(json.dumps(chosen["labels"]) + "\n", encoding="utf-8")
+        registered = register_model(model_dir, labels_path, cfg, chosen["metrics"],
+                                    {"model_dir": model_dir, "model_sha256": chosen["model_sha256"],
+                                     **dev_tags(chosen)})
+        decision = promote(cfg)
+        summary = {"model_name": cfg.model_name, "version": str(registered.version), "model_dir": model_dir,
+                   "promotion": decision}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out_dir / "registered.json", json.dumps(summary, indent=1) + "\n")
+        mlflow.set_tags({"morer1.registered_version": summary["version"], "morer1.promotion": decision["decision"]})
+        tracking.log_summary(summary)
+    return summary

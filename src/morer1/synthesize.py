@@ -5,18 +5,20 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
+from morer1 import tracking
 from morer1.errors import BadInputError
-from morer1.files import read_jsonl
+from morer1.files import read_jsonl, swap_in, write_jsonl, write_text_atomic
 from morer1.labels import NONE, read_labels
 from morer1.params import StageConfig
 from morer1.parsing import parse_completion
-from morer1.prompt import PromptName, fact_images, prompt_messages, write_prompt_name
+from morer1.prompt import PROMPT_FILE, PromptName, fact_images, prompt_messages, write_prompt_name
 from morer1.teacher_openai import OpenAITeacherConfig
 from morer1.teachers import DemoTeacher, TeacherRequest, TemplateTeacher
 
@@ -48,16 +50,16 @@ class SynthesizeConfig(StageConfig):
     """Parameters of the synthesize stage."""
 
     teacher: Literal["template", "demo", "openai"] = Field(
-        "template", description="Who writes rationales: `template` (from annotations, no endpoint), `demo` (derived "
+        ..., description="Who writes rationales: `template` (from annotations, no endpoint), `demo` (derived "
         "from the demo dataset's rule, demo data only) or `openai` (any OpenAI-compatible endpoint).")
     prompt: PromptName = Field(
-        "full", description="Prompt template the SFT set (and so the trained model) uses: `full` (the MORE-R1 "
+        ..., description="Prompt template the SFT set (and so the trained model) uses: `full` (the MORE-R1 "
         "prompt, for real models) or `compact` (title and entity only, for a tiny model trained from scratch). "
         "The teacher always sees the full prompt.")
     splits: tuple[str, ...] = Field(("train", "dev"), description="Ingested splits to synthesize for.")
     max_facts: int | None = Field(None, ge=1, description="At most this many facts per split after balancing (None: all).")
     none_fraction: float | None = Field(
-        0.4, ge=0.0, le=1.0, description="Down-sample `none` facts to at most this share of a split (None: keep all).")
+        ..., ge=0.0, le=1.0, description="Down-sample `none` facts to at most this share of a split (None: keep all).")
     seed: int = Field(0, description="Seed of the down-sampling.")
     leakage_phrases: tuple[str, ...] = Field(
         DEFAULT_LEAKAGE, description="A rationale containing one of these phrases (whole words, any case) is dropped as leaking the gold.")
@@ -118,14 +120,44 @@ def sft_example(request: TeacherRequest, completion: str, prompt: str) -> dict:
 
 
 def synthesize(facts_dir: str | Path, output: str | Path, cfg: SynthesizeConfig, teacher=None) -> dict:
-    """Write `<split>.jsonl` SFT sets and `report.json` (kept and rejected by reason) into `output`."""
+    """Write `<split>.jsonl` SFT sets, `labels.json`, the prompt record and `report.json` (kept and rejected by
+    reason) into `output`; return the report.
+
+    The folder is built beside `output` and swapped in when every split is written, also when one kept too few
+    (then SynthesisError follows, so its report can be read). An existing `output` is replaced only if it holds
+    nothing but an earlier SFT set."""
     facts_dir, output = Path(facts_dir), Path(output)
+    if output.exists() and any(not _is_sft_file(p) for p in output.iterdir()):
+        raise BadInputError(f"{output}: exists and is not an SFT set; refusing to overwrite it")
     labels = read_labels(facts_dir / "labels.json")
     teacher = teacher or make_teacher(cfg)
-    output.mkdir(parents=True, exist_ok=True)
+    staging = output.with_name(output.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        report = _synthesize_into(staging, facts_dir, labels, cfg, teacher)
+        swap_in(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    short = [shortfall(split, s, cfg.min_kept_fraction) for split, s in report["splits"].items()
+             if s["requested"] and s["kept"] < cfg.min_kept_fraction * s["requested"]]
+    if short:
+        failures = report["teacher_stats"].get("failures") if isinstance(report["teacher_stats"], dict) else None
+        why = f"; teacher failures: {', '.join(f'{r} {n}' for r, n in failures.items())}" if failures else ""
+        raise SynthesisError(f"{'; '.join(short)}{why} (see {output / 'report.json'})", report)
+    return report
+
+
+def _is_sft_file(path: Path) -> bool:
+    """A file that `synthesize` writes."""
+    return path.is_file() and (path.suffix == ".jsonl" or path.name in ("report.json", "labels.json", PROMPT_FILE))
+
+
+def _synthesize_into(staging: Path, facts_dir: Path, labels, cfg: SynthesizeConfig, teacher) -> dict:
+    """Write the SFT set into `staging`; return the report."""
     report: dict = {"teacher": cfg.teacher, "prompt": cfg.prompt, "splits": {}}
-    write_prompt_name(output, cfg.prompt)
-    (output / "labels.json").write_text(json.dumps(list(labels)) + "\n", encoding="utf-8")  # for SFT's dev scoring
+    write_prompt_name(staging, cfg.prompt)
+    write_text_atomic(staging / "labels.json", json.dumps(list(labels)) + "\n")  # for SFT's dev scoring
     for split in cfg.splits:
         path = facts_dir / f"{split}.jsonl"
         if not path.exists():
@@ -141,33 +173,36 @@ def synthesize(facts_dir: str | Path, output: str | Path, cfg: SynthesizeConfig,
                 reasons[reason] += 1
             else:
                 kept.append(sft_example(request, completion, cfg.prompt))
-        tmp = output / f"{split}.jsonl.tmp"
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in kept:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        tmp.replace(output / f"{split}.jsonl")
+        write_jsonl(staging / f"{split}.jsonl", kept)
         report["splits"][split] = {"requested": len(requests), "kept": len(kept), "rejected": dict(reasons),
                                    "labels": dict(sorted(Counter(r["relation"] for r in kept).items()))}
     report["teacher_stats"] = getattr(teacher, "stats", {})
-    (output / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    short = [shortfall(split, s, cfg.min_kept_fraction) for split, s in report["splits"].items()
-             if s["requested"] and s["kept"] < cfg.min_kept_fraction * s["requested"]]
-    if short:
-        failures = report["teacher_stats"].get("failures") if isinstance(report["teacher_stats"], dict) else None
-        why = f"; teacher failures: {', '.join(f'{r} {n}' for r, n in failures.items())}" if failures else ""
-        raise SynthesisError(f"{'; '.join(short)}{why} (see {output / 'report.json'})", report)
+    write_text_atomic(staging / "report.json", json.dumps(report, indent=1) + "\n")
     return report
 
 
-def log_to_mlflow(report: dict, output: str | Path) -> None:
-    """Kept and rejected counts per split and reason, the report, and a sample of rationales as a table."""
+def run(cfg: SynthesizeConfig, facts_dir: str | Path, output: str | Path) -> dict:
+    """The synthesize stage: `synthesize` in an MLflow stage run; return the report.
+
+    Logs the report (its numbers as metrics) and the first rationales of the first split as a table; a run
+    that kept too few logs its report before it fails."""
+    output = Path(output)
+    with tracking.stage_run("synthesize", cfg):
+        try:
+            report = synthesize(facts_dir, output, cfg)
+        except SynthesisError as exc:
+            if exc.report is not None:
+                _log(exc.report, output)
+            raise
+        _log(report, output)
+    return report
+
+
+def _log(report: dict, output: Path) -> None:
+    """Log the report (numbers as metrics, the whole as `summary.json`) and the first split's first 20 rationales."""
     import mlflow
 
-    output = Path(output)
-    for split, s in report["splits"].items():
-        mlflow.log_metrics({f"{split}_requested": s["requested"], f"{split}_kept": s["kept"]})
-        mlflow.log_metrics({f"{split}_rejected_{reason}": n for reason, n in s["rejected"].items()})
-    mlflow.log_artifact(str(output / "report.json"))
+    tracking.log_summary(report)
     first = next(iter(report["splits"]), None)
     if first and (output / f"{first}.jsonl").exists():
         rows = read_jsonl(output / f"{first}.jsonl")[:20]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field, model_validator
 
+from morer1 import tracking
 from morer1.errors import BadInputError
 from morer1.files import swap_in
 from morer1.modeling import image_token_count
@@ -79,7 +80,6 @@ CHAT_TEMPLATE = """\
 {%- endif %}
 """
 
-ROPE_THETA = 1_000_000.0  # Qwen2.5-VL's text rope base
 WINDOW_SIZE = 112  # vision window attention span in pixels, as in Qwen2.5-VL
 TEMPORAL_PATCH_SIZE = 2  # an image is repeated to two frames, as in Qwen2.5-VL
 
@@ -91,17 +91,17 @@ class TinyModelConfig(StageConfig):
     vocab_size: int = Field(
         2000, ge=512, description="BPE vocabulary size including the special tokens (fewer if the corpus is small)."
     )
-    hidden_size: int = Field(64, ge=8, description="Width of the text decoder.")
-    num_hidden_layers: int = Field(2, ge=1, description="Layers of the text decoder.")
+    hidden_size: int = Field(..., ge=8, description="Width of the text decoder.")
+    num_hidden_layers: int = Field(..., ge=1, description="Layers of the text decoder.")
     num_attention_heads: int = Field(4, ge=1, description="Attention heads of the text decoder.")
     num_key_value_heads: int = Field(2, ge=1, description="Key/value heads of the text decoder (grouped-query).")
-    intermediate_size: int = Field(128, ge=1, description="MLP width of the text decoder.")
+    intermediate_size: int = Field(..., ge=1, description="MLP width of the text decoder.")
     max_position_embeddings: int = Field(
         4096, ge=256, description="Longest sequence the text decoder is configured for."
     )
     tie_word_embeddings: bool = Field(True, description="Share input embeddings and output head (as Qwen2.5-VL-3B).")
     rope_theta: float = Field(
-        ROPE_THETA, gt=0, description="Rotary base of the text decoder; Qwen2.5-VL's 1e6 leaves a small head few "
+        ..., gt=0, description="Rotary base of the text decoder; Qwen2.5-VL's 1e6 leaves a small head few "
         "frequencies that resolve neighbouring tokens, 1e4 gives more.")
     vision_depth: int = Field(2, ge=1, description="Blocks of the vision encoder (the last one has full attention).")
     vision_hidden_size: int = Field(32, ge=8, description="Width of the vision encoder.")
@@ -295,3 +295,12 @@ def sft_corpus(sft_dir: Path) -> Iterable[str]:
                     for part in message["content"]:
                         if part.get("text"):
                             yield part["text"]
+
+
+def run(cfg: TinyModelConfig, sft_dir: str | Path, out: str | Path) -> dict:
+    """The tiny_model stage: `build_tiny_model` into `out`, its tokenizer trained on the SFT set in `sft_dir`, in an
+    MLflow stage run; return and log the summary."""
+    with tracking.stage_run("tiny_model", cfg):
+        summary = build_tiny_model(Path(out), sft_corpus(Path(sft_dir)), cfg)
+        tracking.log_summary(summary)
+    return summary

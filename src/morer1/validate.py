@@ -1,25 +1,35 @@
-"""Validate stage: Great Expectations suites gate the data before anything trains on it.
+"""Validate stages: two Great Expectations gates, each before the stage that would pay for or train on the data.
 
-A suite is a JSON file in `expectations/` (a serialised GE ExpectationSuite) plus a builder that turns a
-stage's output into named pandas batches and the values of the suite's `{"$PARAMETER": name}`
-placeholders, so the rules are data and the numbers are params. An expectation runs on the batches named
-in its `meta.batches` (on every batch when absent). A run writes `report.json` and GE Data Docs, then
-raises DataValidationError if any expectation failed.
+`validate_facts` (`run_facts`) gates the ingested facts before the teacher is asked for rationales;
+`validate_sft` (`run_sft`) gates the SFT set before a model is built or trained on it. Each gate runs one
+suite, a JSON file in `expectations/` (a serialised GE ExpectationSuite), on named pandas batches built from
+the data, with the values of the suite's `{"$PARAMETER": name}` placeholders taken from params `validate:`,
+so the rules are data and the numbers are params. An expectation runs on the batches named in its
+`meta.batches` (on every batch when absent). A gate writes `report.json` and GE Data Docs, the same bytes
+for the same data wherever the project lives, then raises DataValidationError if an expectation failed.
 """
 
 from __future__ import annotations
 
+import datetime
+import itertools
 import json
 import os
 import shutil
+import types
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pandas as pd
 from pydantic import Field, model_validator
 
+from morer1 import tracking
 from morer1.errors import BadInputError, GateFailedError
+from morer1.files import swap_in, write_text_atomic
 from morer1.labels import NONE, read_labels
 from morer1.params import StageConfig
 
@@ -30,6 +40,8 @@ ALL = "all"  # the batch of all splits together
 ID_COLUMN = "id"  # every batch has it; failing rows are reported by it
 REPORT = "report.json"
 DATA_DOCS = "data_docs"
+SUITES_DIR = Path("expectations")  # relative to the project, where DVC runs the gates
+RUN_TIME = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)  # shown in the Data Docs; see _gx_run_id
 FACT_COLUMNS = {  # the columns the facts suite checks, and their type
     "id": str, "relation": str, "text": str, "n_tokens": int, "entity_start": int, "entity_end": int,
     "width": int, "height": int, "box_x0": int, "box_y0": int, "box_x1": int, "box_y1": int,
@@ -37,7 +49,7 @@ FACT_COLUMNS = {  # the columns the facts suite checks, and their type
 
 
 class ValidateConfig(StageConfig):
-    """Parameters of the validate stage (the numbers the suites in `expectations/` refer to)."""
+    """Parameters of both gates (the numbers the suites in `expectations/` refer to)."""
 
     min_facts_per_split: int = Field(1, ge=0, description="Fewest facts each split must have.")
     none_fraction_min: float = Field(0.3, ge=0.0, le=1.0, description="Lowest share of `none` facts in each split.")
@@ -70,20 +82,47 @@ class SuiteRun:
     parameters: dict[str, Any]
 
 
-def validate_data(ingested_dir: Path, out_dir: Path, cfg: ValidateConfig, sft_dir: Path | None = None,
-                  suites_dir: Path = Path("expectations")) -> dict:
-    """Gate the ingested facts (`facts` suite) and, when given, the SFT set (`sft` suite); write `out_dir`.
+def run_facts(cfg: ValidateConfig, facts_dir: Path, out: Path, suites_dir: Path = SUITES_DIR) -> dict:
+    """The `validate_facts` gate: the `facts` suite on the ingested facts in `facts_dir`; writes `out`, returns
+    the report's summary. Raises BadInputError when a file or the suite cannot be read, DataValidationError
+    when a record is malformed or (after writing and logging the report and Data Docs) an expectation fails."""
+    with tracking.stage_run("validate_facts", cfg):
+        _clear(Path(out))
+        batches, labels = fact_batches(Path(facts_dir))
+        return _gate(SuiteRun("facts", batches, {**cfg.model_dump(), "labels": labels}), Path(out), suites_dir, cfg)
 
-    Raises BadInputError when a file or a suite cannot be read, DataValidationError when a record is
-    malformed or (after writing the report and Data Docs) an expectation fails.
-    """
-    (out_dir / REPORT).unlink(missing_ok=True)
-    shutil.rmtree(out_dir / DATA_DOCS, ignore_errors=True)
-    batches, labels = fact_batches(ingested_dir)
-    runs = [SuiteRun("facts", batches, {**cfg.model_dump(), "labels": labels})]
-    if sft_dir is not None:
-        runs.append(SuiteRun("sft", sft_batches(sft_dir, labels), cfg.model_dump()))
-    return run_suites(runs, out_dir, suites_dir, cfg.max_examples)
+
+def run_sft(cfg: ValidateConfig, sft_dir: Path, out: Path, suites_dir: Path = SUITES_DIR) -> dict:
+    """The `validate_sft` gate: the `sft` suite on the SFT set in `sft_dir` (scored against its `labels.json`);
+    otherwise as `run_facts`."""
+    with tracking.stage_run("validate_sft", cfg):
+        _clear(Path(out))
+        sft_dir = Path(sft_dir)
+        batches = sft_batches(sft_dir, list(read_labels(sft_dir / "labels.json")))
+        return _gate(SuiteRun("sft", batches, cfg.model_dump()), Path(out), suites_dir, cfg)
+
+
+def _clear(out: Path) -> None:
+    """Remove an earlier gate's output, so a run that stops early leaves no stale verdict; refuse any other folder."""
+    if out.exists():
+        if {p.name for p in out.iterdir()} - {REPORT, DATA_DOCS}:
+            raise BadInputError(f"{out}: exists and is not a gate's output; refusing to overwrite it")
+        shutil.rmtree(out)
+
+
+def _gate(run: SuiteRun, out: Path, suites_dir: Path, cfg: ValidateConfig) -> dict:
+    """Check `run`, log its summary, report and Data Docs to the active MLflow run; raise if it failed."""
+    import mlflow
+
+    report = _check(run, out, suites_dir, cfg.max_examples)
+    tracking.log_summary(report["summary"])
+    mlflow.log_artifact(str(out / REPORT))
+    mlflow.log_artifacts(str(out / DATA_DOCS), artifact_path=DATA_DOCS)
+    if not report["success"]:
+        summary = report["summary"]
+        raise DataValidationError("\n".join([f"{summary['failed']} of {summary['expectations']} expectations failed:",
+                                             *report["failures"], f"Data Docs: {out / report['data_docs']}"]))
+    return report["summary"]
 
 
 def sft_batches(sft_dir: Path, labels: list[str]) -> dict[str, pd.DataFrame]:
@@ -200,31 +239,28 @@ def _parameter_names(value) -> list[str]:
     return []
 
 
-def run_suites(runs: list[SuiteRun], out_dir: Path, suites_dir: Path, max_examples: int) -> dict:
-    """Validate each run's batches with its suite; write `report.json` and Data Docs; return the report.
-
-    Raises DataValidationError, after writing both, when an expectation failed.
-    """
-    suites = {run.name: load_suite(suites_dir / f"{run.name}.json", run) for run in runs}
-    context = _context(out_dir / DATA_DOCS)
-    results = {}
-    for run in runs:
-        source = context.data_sources.add_pandas(run.name)
-        batches = {batch: _validate_batch(context, source, run, suites[run.name], batch, max_examples)
-                   for batch in run.batches}
-        results[run.name] = {"success": all(b["success"] for b in batches.values()), "batches": batches}
-
-    checks = [(f"{name}/{batch}", check) for name, suite in results.items()
-              for batch, result in suite["batches"].items() for check in result["expectations"]]
-    failures = [f"{where}: {_failure_line(check)}" for where, check in checks if not check["success"]]
-    report = {"success": not failures, "summary": {"expectations": len(checks), "failed": len(failures)},
-              "failures": failures, "data_docs": str(out_dir / DATA_DOCS / "index.html"), "suites": results}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / REPORT).write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
-    context.build_data_docs()
-    if failures:
-        raise DataValidationError("\n".join(
-            [f"{len(failures)} of {len(checks)} expectations failed:", *failures, f"Data Docs: {report['data_docs']}"]))
+def _check(run: SuiteRun, out: Path, suites_dir: Path, max_examples: int) -> dict:
+    """Validate `run`'s batches with its suite; write `report.json` and Data Docs into `out` (built beside it and
+    swapped in, also when an expectation failed) and return the report. Paths in both are relative to `out`."""
+    suite = load_suite(suites_dir / f"{run.name}.json", run)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with _reproducible_docs():
+            context = _context(staging / DATA_DOCS)
+            source = context.data_sources.add_pandas(run.name)
+            batches = {batch: _validate_batch(context, source, run, suite, batch, max_examples)
+                       for batch in run.batches}
+            context.build_data_docs()
+        checks = [(f"{run.name}/{batch}", exp) for batch, result in batches.items() for exp in result["expectations"]]
+        failures = [f"{where}: {_failure_line(exp)}" for where, exp in checks if not exp["success"]]
+        report = {"success": not failures, "summary": {"expectations": len(checks), "failed": len(failures)},
+                  "failures": failures, "data_docs": f"{DATA_DOCS}/index.html",
+                  "suites": {run.name: {"success": not failures, "batches": batches}}}
+        write_text_atomic(staging / REPORT, json.dumps(report, indent=1, default=str) + "\n")
+        swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return report
 
 
@@ -239,6 +275,33 @@ def _context(docs_dir: Path):
     context.update_data_docs_site("local_site", {**site, "store_backend": {
         "class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())}})
     return context
+
+
+def _gx_run_id(suite_name: str):
+    """The GE run id of a validation: the suite name and the fixed RUN_TIME, so the Data Docs' folder names and
+    pages do not change from run to run (the time of a run is that of its MLflow run)."""
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    return RunIdentifier(run_name=suite_name, run_time=RUN_TIME)
+
+
+@contextmanager
+def _reproducible_docs():
+    """What GE writes into the Data Docs without what changes on every run: the clock (each batch's load time, a
+    `?d=<now>` on each link to GE's logo) reads RUN_TIME, and random element ids are numbered in page order."""
+    from great_expectations.execution_engine import pandas_execution_engine
+    from great_expectations.render.view import view
+
+    class FixedClock(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return RUN_TIME
+
+    ids = itertools.count()
+    clock = types.SimpleNamespace(datetime=FixedClock, timezone=datetime.timezone)
+    with (mock.patch.object(view, "datetime", clock), mock.patch.object(pandas_execution_engine, "datetime", clock),
+          mock.patch.object(view, "uuid4", lambda: uuid.UUID(int=next(ids)))):
+        yield
 
 
 def _validate_batch(context, source, run: SuiteRun, suite: dict, batch: str, max_examples: int) -> dict:
@@ -256,7 +319,7 @@ def _validate_batch(context, source, run: SuiteRun, suite: dict, batch: str, max
                      "partial_unexpected_count": max_examples}
     df = run.batches[batch]
     result = definition.run(batch_parameters={"dataframe": df}, expectation_parameters=run.parameters,
-                            result_format=result_format).to_json_dict()
+                            result_format=result_format, run_id=_gx_run_id(gx_suite.name)).to_json_dict()
     return {"success": result["success"], "rows": len(df),
             "expectations": [_expectation_report(r, max_examples) for r in result["results"]]}
 
@@ -300,17 +363,3 @@ def _example(row: dict) -> str:
     """`<id> (column=value, ...)` of one failing row."""
     values = ", ".join(f"{k}={v!r}" for k, v in row.items() if k != ID_COLUMN)
     return f"{row[ID_COLUMN]} ({values})" if values else str(row[ID_COLUMN])
-
-
-def log_to_mlflow(out_dir: Path) -> None:
-    """Log the expectation counts, `report.json` and the Data Docs of `out_dir` to the active MLflow run, if written."""
-    import mlflow
-
-    path = out_dir / REPORT
-    if not path.exists():
-        return
-    summary = json.loads(path.read_text(encoding="utf-8"))["summary"]
-    mlflow.log_metrics({"expectations": summary["expectations"], "expectations_failed": summary["failed"]})
-    mlflow.log_artifact(str(path))
-    if (out_dir / DATA_DOCS).is_dir():
-        mlflow.log_artifacts(str(out_dir / DATA_DOCS), artifact_path=DATA_DOCS)
