@@ -31,3 +31,28 @@ def stop_group(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def start_server(cmd: list[str], log, env: dict) -> subprocess.Popen:
+    """A server in its own process group (its workers die with the group, see `stop_group`), output to `log`."""
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log, timeout: float = 120) -> float:
+    """Wait until GET `url` answers 200; return the seconds waited. Fails early when the server exits."""
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        assert proc.poll() is None, f"{url}: server exited\n{Path(log).read_text()[-3000:]}"
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return time.monotonic() - start
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url}: not healthy after {timeout} s\n{Path(log).read_text()[-3000:]}")
