@@ -64,7 +64,7 @@ def test_model_is_chosen_on_dev_and_every_candidate_is_reported_on_test(tmp_path
     assert metrics["dev"]["f1"] == 1.0 and metrics["test"]["invalid_rate"] == 1.0
     assert "baseline_majority_f1" in metrics["test"]
     assert (out / "test_confusion.csv").read_text().startswith("actual,predicted")
-    assert (out / "report" / "index.html").is_file() and not (out / "report.new").exists()
+    assert (out / "report" / "index.html").is_file() and not (out / "report.partial").exists()
     assert [json.loads(line)["id"] for line in (out / "predictions_dev.jsonl").read_text().splitlines()] == [
         f"dev-{i:06d}" for i in range(4)]
 

@@ -159,6 +159,18 @@ def test_limits_are_the_model_config():
         ServeConfig(max_new_tokens=4, max_image_pixels=10**9)
 
 
+def test_a_trained_model_folder_loads_without_a_model_config(tmp_path, monkeypatch):
+    """`morer1 predict --model models/grpo` wraps the folder itself: no model_config, so ServeConfig's defaults."""
+    import morer1.modeling
+    import morer1.prompt
+
+    monkeypatch.setattr(morer1.modeling, "load_model_and_processor", lambda folder: (None, None))
+    monkeypatch.setattr(morer1.prompt, "model_prompt", lambda folder: "full")
+    (tmp_path / "config.json").write_text("{}")
+    loaded = serve.load_predictor(tmp_path)
+    assert serve.serving_config(loaded) == ServeConfig() and loaded.max_new_tokens == ServeConfig().max_new_tokens
+
+
 class CheckOnly(mlflow.pyfunc.PythonModel):
     """A pyfunc that only checks its rows (as MorePredictor does first), or fails as a bug would."""
 

@@ -6,7 +6,7 @@ import re
 import time
 
 import pytest
-from openai_server import FAULTS, OpenAIServer, body_key, gold_label, six_steps
+from openai_server import FAULTS, OpenAIServer, gold_label, six_steps
 from PIL import Image
 from servers import free_port
 
@@ -223,12 +223,14 @@ def test_cli_too_few_rationales_exits_bad_input_with_one_line(tmp_path, monkeypa
     assert exit_.value.code == EXIT_BAD_INPUT
     lines, err = _error_lines(capsys)
     assert "Traceback" not in err and len(lines) == 1, err
-    report = json.loads((tmp_path / "sft" / "report.json").read_text())["splits"]["train"]
+    assert not (tmp_path / "sft").exists()  # nothing half-good is swapped in
+    report = json.loads((tmp_path / "sft.failed-report.json").read_text())["splits"]["train"]
     kept, rejected = report["kept"], report["rejected"]
     assert kept < 6 and set(rejected) == {"answer_not_gold", "unparsable"}
     top = ", ".join(f"{r} {n}" for r, n in sorted(rejected.items(), key=lambda item: -item[1]))
     assert lines[0] == (f"morer1 synthesize: error: train: kept {kept} of 12 rationales ({kept / 12:.1%}), below "
-                        f"synthesize.min_kept_fraction=0.5; rejected: {top} (see {tmp_path / 'sft' / 'report.json'})")
+                        f"synthesize.min_kept_fraction=0.5; rejected: {top} (see {tmp_path / 'sft.failed-report.json'}; "
+                        f"{tmp_path / 'sft'} is unchanged)")
     from morer1 import tracking
 
     mlflow = tracking.setup()  # the failed stage run still gets the report
@@ -301,14 +303,20 @@ def test_stage_logs_counts_report_and_rationale_samples_to_its_mlflow_run(tmp_pa
     assert {"summary.json", "rationale_samples.json"} <= artifacts
 
 
-def test_synthesize_fails_when_the_teacher_gives_too_little(tmp_path):
+def test_synthesize_fails_when_the_teacher_gives_too_little_and_keeps_the_earlier_set(tmp_path):
+    facts, cfg = _facts_dir(tmp_path), small_config(SynthesizeConfig, splits=("train",))
+    synthesize(facts, tmp_path / "sft", cfg)  # an earlier good set
+    before = {p.name: p.read_bytes() for p in (tmp_path / "sft").iterdir()}
     teacher = _Scripted([GOOD.replace("none", "/per/loc/place_of_birth"), None, None, "junk"])
     with pytest.raises(SynthesisError, match=r"^train: kept 1 of 4 rationales \(25.0%\), below synthesize."
                                              r"min_kept_fraction=0\.5; rejected: no_completion 2, unparsable 1 "
-                                             r"\(see .*report.json\)$"):
-        synthesize(_facts_dir(tmp_path), tmp_path / "sft", small_config(SynthesizeConfig, splits=("train",)), teacher=teacher)
-    report = json.loads((tmp_path / "sft" / "report.json").read_text())
+                                             r"\(see .*sft.failed-report.json; .*sft is unchanged\)$"):
+        synthesize(facts, tmp_path / "sft", cfg, teacher=teacher)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "sft").iterdir()} == before
+    report = json.loads((tmp_path / "sft.failed-report.json").read_text())
     assert report["splits"]["train"]["rejected"] == {"no_completion": 2, "unparsable": 1}
+    synthesize(facts, tmp_path / "sft", cfg)  # a good run clears the failed report
+    assert not (tmp_path / "sft.failed-report.json").exists()
 
 
 def test_filter_keeps_a_rationale_whose_prose_cites_earlier_steps():

@@ -161,7 +161,7 @@ def run(cfg: EvaluateConfig, facts_dir: str | Path, models: list[str], out_dir: 
         keep = ("id", "relation", "predicted", "completion")
         for split in ("dev", "test"):
             write_jsonl(out_dir / f"predictions_{split}.jsonl", ({k: r[k] for k in keep} for r in rows[split][chosen]))
-        staging = out_dir / "report.new"
+        staging = out_dir / "report.partial"  # git-ignored, like every staging folder
         shutil.rmtree(staging, ignore_errors=True)
         write_report(rows["dev"][chosen], facts_dir, staging, title=f"morer1 error analysis: {chosen} on dev",
                      metrics=results[chosen]["dev"], max_samples=cfg.report_max_samples)

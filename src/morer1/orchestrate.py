@@ -101,14 +101,6 @@ def _graph_order(repo) -> tuple[list, dict]:
     return order, upstream
 
 
-def dvc_stages(project_dir: str | Path) -> list[str]:
-    """Stage names of the project's pipeline in DVC's dependency order (upstream first)."""
-    from dvc.repo import Repo
-
-    with chdir(project_dir), Repo() as repo:  # DVC names stages relative to the working directory
-        return [s.addressing for s in _graph_order(repo)[0]]
-
-
 def plan_pipeline(project_dir: str | Path, stages: list[str] | None = None) -> Plan:
     """Order `stages` (default: all) by DVC's graph and ask DVC once which of them changed (`Repo.status`)."""
     from dvc.repo import Repo

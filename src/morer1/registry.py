@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
@@ -59,9 +58,9 @@ class RegisterConfig(ServeConfig):
         0.005, ge=0, description="Promote only a challenger whose metric beats the champion's by more than this.")
     facts: str = Field(
         "data/ingested", min_length=1,
-        description="Ingested facts folder evaluate scored: register fingerprints its dev split as the version's dev "
-                    "set; promotion re-scores the champion on it when the champion was scored on other dev data, and "
-                    "refuses when it does not hold the challenger's dev set.")
+        description="Ingested facts folder evaluate scored (whose dev split evaluate fingerprinted as the version's dev "
+                    "set in chosen.json): promotion re-scores the champion on it when the champion was scored on other "
+                    "dev data, and refuses when it does not hold the challenger's dev set.")
 
 
 def log_predictor(model_dir: str | Path, labels_path: str | Path, cfg: RegisterConfig) -> str:

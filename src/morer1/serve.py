@@ -72,7 +72,9 @@ PIL_MAX_IMAGE_PIXELS = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS: it warns abov
 class ServeConfig(StageConfig):
     """Generation of the served model and what one request may cost (its MLflow `model_config`)."""
 
-    max_new_tokens: int = Field(..., ge=1, description="Longest completion the served model generates, in tokens.")
+    # a default (params.yaml's register.max_new_tokens) because `morer1 predict --model <trained folder>` wraps the
+    # folder with no model_config (load_predictor); a registered model carries its own
+    max_new_tokens: int = Field(160, ge=1, description="Longest completion the served model generates, in tokens.")
     batch_size: int = Field(4, ge=1, description="Rows generated together by the served model.")
     max_rows: int = Field(
         32, ge=1, description="Most rows one request to the served model may hold (`morer1 predict --jsonl` "

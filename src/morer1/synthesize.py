@@ -30,7 +30,8 @@ DEFAULT_LEAKAGE = ("gold label", "gold answer", "gold relation", "gold type", "g
 class SynthesisError(BadInputError):
     """Too few rationales survived in a split: the teacher failed or the filter is too strict (exit code 2).
 
-    `report` is what was written to `report.json`. A rerun pays only for the requests that got no completion.
+    `report` is what was written to `<output>.failed-report.json`. A rerun pays only for the requests that got no
+    completion.
     """
 
     def __init__(self, message: str, report: dict | None = None):
@@ -123,9 +124,9 @@ def synthesize(facts_dir: str | Path, output: str | Path, cfg: SynthesizeConfig,
     """Write `<split>.jsonl` SFT sets, `labels.json`, the prompt record and `report.json` (kept and rejected by
     reason) into `output`; return the report.
 
-    The folder is built beside `output` and swapped in when every split is written, also when one kept too few
-    (then SynthesisError follows, so its report can be read). An existing `output` is replaced only if it holds
-    nothing but an earlier SFT set."""
+    The folder is built beside `output` and swapped in when every split kept enough. When one kept too few,
+    `output` (an earlier good set) stays as it was, the run's report is written to `<output>.failed-report.json`
+    and SynthesisError follows. An existing `output` is replaced only if it holds nothing but an earlier SFT set."""
     facts_dir, output = Path(facts_dir), Path(output)
     if output.exists() and any(not _is_sft_file(p) for p in output.iterdir()):
         raise BadInputError(f"{output}: exists and is not an SFT set; refusing to overwrite it")
@@ -134,18 +135,26 @@ def synthesize(facts_dir: str | Path, output: str | Path, cfg: SynthesizeConfig,
     staging = output.with_name(output.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    failed = failed_report_path(output)
     try:
         report = _synthesize_into(staging, facts_dir, labels, cfg, teacher)
-        swap_in(staging, output)
+        short = [shortfall(split, s, cfg.min_kept_fraction) for split, s in report["splits"].items()
+                 if s["requested"] and s["kept"] < cfg.min_kept_fraction * s["requested"]]
+        if not short:
+            swap_in(staging, output)
+            failed.unlink(missing_ok=True)
+            return report
+        write_text_atomic(failed, json.dumps(report, indent=1) + "\n")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    short = [shortfall(split, s, cfg.min_kept_fraction) for split, s in report["splits"].items()
-             if s["requested"] and s["kept"] < cfg.min_kept_fraction * s["requested"]]
-    if short:
-        failures = report["teacher_stats"].get("failures") if isinstance(report["teacher_stats"], dict) else None
-        why = f"; teacher failures: {', '.join(f'{r} {n}' for r, n in failures.items())}" if failures else ""
-        raise SynthesisError(f"{'; '.join(short)}{why} (see {output / 'report.json'})", report)
-    return report
+    failures = report["teacher_stats"].get("failures") if isinstance(report["teacher_stats"], dict) else None
+    why = f"; teacher failures: {', '.join(f'{r} {n}' for r, n in failures.items())}" if failures else ""
+    raise SynthesisError(f"{'; '.join(short)}{why} (see {failed}; {output} is unchanged)", report)
+
+
+def failed_report_path(output: Path) -> Path:
+    """Where a run that kept too few rationales writes its report (the SFT set it would have replaced stays)."""
+    return output.with_name(output.name + ".failed-report.json")
 
 
 def _is_sft_file(path: Path) -> bool:
@@ -192,7 +201,7 @@ def run(cfg: SynthesizeConfig, facts_dir: str | Path, output: str | Path) -> dic
             report = synthesize(facts_dir, output, cfg)
         except SynthesisError as exc:
             if exc.report is not None:
-                _log(exc.report, output)
+                tracking.log_summary(exc.report)  # not the rationales: those in `output` are the earlier set's
             raise
         _log(report, output)
     return report

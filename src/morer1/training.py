@@ -269,7 +269,7 @@ def save_model(trainer, processor, output: Path, *, prompt: str, summary: dict, 
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     if trainer.accelerator.is_main_process:
-        staging = output.with_name(output.name + ".tmp")
+        staging = output.with_name(output.name + ".partial")  # git-ignored, like every staging folder
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
