@@ -10,7 +10,7 @@ export GX_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install run test ui
+.PHONY: install run test bench ui
 
 # torch and torchvision go in first, by pip (they come from this machine's disk); their exact pins are
 # read from pyproject.toml, where every pin lives. uv then installs the rest and leaves torch alone.
@@ -30,6 +30,9 @@ run: $(VENV)/.installed  ## the whole pipeline on the embedded default, through 
 
 test: $(VENV)/.installed  ## all tests, including one end-to-end run on a tiny demo
 	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed  ## benchmark suite: tables on stdout, JSON in reports/bench/, MLflow runs; BENCH_QUICK=1 for small sizes
+	$(PY) benchmarks/run_all.py
 
 ui: $(VENV)/.installed  ## MLflow UI on the local tracking store, http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(MORER1_STATE_DIR)/mlflow.db --host 127.0.0.1 --port 5000

@@ -1,0 +1,107 @@
+"""Benchmark 3, ingest and the facts gate at scale: the demo generator at two corpus sizes (10k and 100k facts;
+quick: 500 and 2k), then `morer1 ingest` and `morer1 validate-facts` each in its own process, as DVC runs them.
+Figures per size: seconds and peak RSS of each; side by side, the ratio of the large to the small size
+(seconds ~ the size ratio when it scales linearly; peak RSS ~ 1 when memory does not grow with the corpus).
+
+Goal (issue 12): 100k facts ingested and validated in <= 60 s, with memory that does not grow with the corpus.
+The demo dataset of each size is generated once into `.state/bench/demo-<n>` (not timed). The stages log to a
+scratch MLflow store (`.state/bench/ingest-state`), as in a pipeline run. Peak RSS is the kernel's ru_maxrss of
+the stage process (benchmarks/measure.py). Each stage runs through benchmarks/stage_child.py, which imports the
+heavy libraries first and then calls the `morer1` CLI, so startup (seconds, RSS) is told apart from the work.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+from common import BENCH, REPO, child_json, env, measure, parser, report, scratch, table
+
+FACTS_PER_PAIR = 6.1  # demo defaults: objects x entities per pair (docs/demo_data.md)
+
+
+def demo(n: int):
+    """The demo dataset with ~n facts over its three splits (train carries all but the defaults of valid/test)."""
+    from morer1.demo_data import DemoDataConfig, generate_demo
+    from morer1.params import load_section
+
+    base = load_section("demo_data", DemoDataConfig, REPO / "params.yaml")
+    train = max(1, math.ceil(n / FACTS_PER_PAIR) - base.valid_pairs - base.test_pairs)
+    cfg = base.model_copy(update={"train_pairs": train})
+    out = scratch() / f"demo-{n}"
+    stamp = out / "summary.bench.json"
+    if stamp.exists():
+        return out, json.loads(stamp.read_text())
+    print(f"generating the demo dataset with ~{n} facts into {out} ...", flush=True)
+    summary = generate_demo(out, cfg)
+    stamp.write_text(json.dumps(summary))
+    return out, summary
+
+
+def _proc(m: dict):
+    import subprocess
+
+    return subprocess.CompletedProcess([], m["returncode"], m["stdout"], m["stderr"])
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs=2, default=None, help="small and large corpus (default 10000 100000)")
+    args = p.parse_args()
+    sizes = args.sizes or ([500, 2000] if args.quick else [10_000, 100_000])
+    state = scratch("ingest-state")
+    environ = env()
+    environ["MORER1_STATE_DIR"] = str(state)
+    environ.pop("MLFLOW_TRACKING_URI", None)
+    environ.pop("MORER1_PARENT_RUN_ID", None)
+    morer1 = [sys.executable, str(BENCH / "stage_child.py")]
+    results = {}
+    for n in sizes:
+        source, summary = demo(n)
+        facts = sum(summary["facts"].values())
+        work = scratch(f"ingest-{n}")
+        ingested, gate = work / "ingested", work / "validation"
+        ing = measure([*morer1, "ingest", "--source", source, "--output", ingested], cwd=REPO, environ=environ)
+        if ing["returncode"]:
+            raise SystemExit(f"ingest failed at {n}:\n{ing['stdout'][-2000:]}\n{ing['stderr'][-2000:]}")
+        val = measure([*morer1, "validate-facts", "--facts", ingested, "--out", gate], cwd=REPO, environ=environ)
+        if val["returncode"]:
+            raise SystemExit(f"validate-facts failed at {n}:\n{val['stdout'][-2000:]}\n{val['stderr'][-2000:]}")
+        ing_in, val_in = child_json(_proc(ing)), child_json(_proc(val))
+        results[n] = {"facts": facts, "ingest_s": ing["seconds"], "ingest_rss_mb": ing["max_process_rss_mb"],
+                      "validate_s": val["seconds"], "validate_rss_mb": val["max_process_rss_mb"],
+                      "total_s": ing["seconds"] + val["seconds"], "ingest_cpu_s": ing["cpu_seconds"],
+                      "validate_cpu_s": val["cpu_seconds"],
+                      "ingest_work_s": ing_in["work_s"], "validate_work_s": val_in["work_s"],
+                      "import_s": (ing_in["import_s"] + val_in["import_s"]) / 2,
+                      "import_rss_mb": (ing_in["import_rss_mb"] + val_in["import_rss_mb"]) / 2,
+                      "ingest_work_rss_mb": ing_in["peak_rss_mb"] - ing_in["import_rss_mb"],
+                      "validate_work_rss_mb": val_in["peak_rss_mb"] - val_in["import_rss_mb"]}
+
+    small, large = (results[n] for n in sizes)
+    size_ratio = large["facts"] / small["facts"]
+    keys = ("ingest_s", "ingest_work_s", "ingest_rss_mb", "ingest_work_rss_mb", "validate_s", "validate_work_s",
+            "validate_rss_mb", "validate_work_rss_mb", "total_s")
+    ratios = {key: large[key] / small[key] if small[key] > 0 else None for key in keys}
+    rows = [[f"{r['facts']:,}", *(r[k] for k in keys), r["facts"] / r["total_s"]] for r in results.values()]
+    rows.append([f"ratio x{size_ratio:.1f}", *(ratios[k] for k in keys), ""])
+    md = table(["facts", "ingest s", "of which work", "ingest peak RSS MB", "of which work", "validate s",
+                "of which work", "validate peak RSS MB", "of which work", "total s", "facts/s"], rows)
+    within = large["total_s"] <= 60 and max(sizes) >= 100_000
+    flat = max(ratios["ingest_rss_mb"], ratios["validate_rss_mb"]) <= 1.2
+    notes = [f"each process first imports what its command loads (mlflow, pandas; torch or Great Expectations): "
+             f"{large['import_s']:.1f} s and {large['import_rss_mb']:.0f} MB on average before any work ('of which work' is the rest: time in the stage's run, "
+             f"peak RSS above the imports)",
+             f"largest size: {large['facts']:,} facts in {large['total_s']:.1f} s "
+             f"({'goal <= 60 s met' if within else 'goal <= 60 s for 100k NOT met' if max(sizes) >= 100_000 else 'not the 100k goal size'})",
+             f"memory x{max(ratios['ingest_rss_mb'], ratios['validate_rss_mb']):.2f} for x{size_ratio:.1f} the facts: "
+             f"{'flat (goal met)' if flat else 'grows with the corpus (goal NOT met)'}"]
+    figures = {"by_size": {str(n): r for n, r in results.items()}, "ratio_large_to_small": ratios,
+               "size_ratio": size_ratio}
+    report("ingest", "Ingest and the facts gate at scale", md,
+           {"sizes": {"facts": sizes}, "figures": figures}, args.quick, not args.no_mlflow, notes)
+
+
+if __name__ == "__main__":
+    main()
