@@ -1,20 +1,30 @@
-"""The ingest stage on hand-made MORE-layout folders: boxes, every reject reason, unsafe .pth files."""
+"""The ingest stage on hand-made MORE-layout folders: boxes, every reject reason, unsafe .pth files; the streaming
+reader writes what the reader that held every fact wrote, reads plain lines without `ast.literal_eval`, decodes
+each photo once and holds no fact in memory."""
 
+import ast
+import hashlib
 import io
 import json
 import os
+import random
 import re
 import subprocess
 import sys
+import tracemalloc
+from pathlib import Path
 
 import pytest
 import torch
 from more_layout import fact, read_jsonl, write_more
+from PIL import Image
 
 from morer1.ingest import (
     IngestConfig,
     IngestError,
+    NotSure,
     RejectFractionExceeded,
+    fast_literal,
     ingest,
     pixel_box,
     report_rejects,
@@ -376,3 +386,161 @@ def test_stage_logs_summary_rejects_and_splits_and_a_failed_run_its_rejects(tmp_
         "facts-train", "facts-dev", "facts-test"}
     assert {a.path for a in client.list_artifacts(failed.info.run_id)} == {"out.rejects.jsonl"}
 
+
+
+def noise_photo(path: Path, size: tuple[int, int], seed: int, palette: bool = False) -> None:
+    """A photo of seeded noise saved losslessly (PNG): each crop has its own pixels, the same on every machine."""
+    rng = random.Random(seed)
+    img = Image.frombytes("RGB", size, bytes(rng.randrange(256) for _ in range(size[0] * size[1] * 3)))
+    (img.convert("P", palette=Image.Palette.ADAPTIVE, colors=16) if palette else img).save(path, format="PNG")
+
+
+def mixed_source(root: Path) -> Path:
+    """A MORE-layout folder with what real producers write (tuples, numbers as strings, quotes, parentheses and
+    True/None inside titles, escapes) and what they get wrong, the facts of each photo far apart."""
+    labels = ["none", "/per/per/partner", "/per/loc/place_of_birth", "/org/loc/locate_at"]
+    titles = [["Alice", "Smith", "visits", "Paris", "(France)", "today"],
+              ["Bob", "'s", "band", "plays", "in", "Rome"],
+              ["True", "story", ":", "None", "of", "us", "{", "}"],
+              ["Café", "Ölberg", "says", '"hi"', "to", "Zoë"]]
+    train = []
+    for n in range(48):
+        pos = (round(0.3 + 0.05 * (n % 5), 3), 0.5, 0.4, round(0.3 + 0.1 * (n % 3), 2))
+        record = fact(f"p{n % 6}.png", pos if n % 2 else tuple(f"{v:.6f}" for v in pos), labels[n % 4],
+                      entity=(n % 3, n % 3 + 1 + n % 2), tokens=titles[n % 4])
+        record["t"]["name"] = f"object {n % 4}"
+        if n % 5 == 0:
+            record["text"] = " ".join(titles[n % 4])
+        train.append(record)
+    random.Random(7).shuffle(train)  # the facts of one photo far apart: pair counts must still see all of them
+    good = train[0]
+    hostile = [
+        "not a dict at all",
+        repr(good)[:-9],                                                       # truncated
+        repr({**good, "relation": "/per/per/enemy"}),                          # label not in the set
+        repr({**good, "img_id": "../secret.png"}),                             # leaves img_org/train/
+        repr({**good, "img_id": "missing.png"}),
+        repr({**good, "img_id": "broken.png"}),                                # not an image
+        repr({**good, "token": tuple(good["token"])}),                         # tokens must be a list
+        repr({**good, "t": {"name": "object 9", "pos": (0.5, 0.5, True, 0.2)}}),
+        repr({**good, "t": {"name": "object 9", "pos": (1.9, 0.5, 0.5, 0.2)}}),  # box outside the photo
+        repr({**good, "h": {"name": ["x"], "pos": {0, 1}}}),                   # a set
+        "{'token': ['a'], 'h': {'pos': [0, 1]}, 't': {'pos': (.5, .5, .1, .1)}, 'relation': true, 'img_id': 'p0.png'}",
+        repr({**good, "text": 3}),
+        "__import__('os').system('true')",
+    ]
+    escaped = [{**train[3], "text": "tab\there \\ and a quote ' \""}, {**train[4], "token": ["it's", '"quoted"', "x"]}]
+    lines = [r if isinstance(r, str) else repr(r) for r in train[:10] + hostile[:7] + train[10:30] + escaped
+             + hostile[7:] + train[30:]]
+    valid = [repr(fact("v0.png", (0.5, 0.5, 0.5, 0.5), labels[i % 4], entity=(i % 4, i % 4 + 1))) for i in range(5)]
+    test = [repr(fact("t0.png", (0.4, 0.6, 0.3, 0.5), "none", entity=(0, 2))) for _ in range(4)]
+    src = write_more(root, {"train": lines, "valid": valid, "test": test})
+    photos = {"train": {f"p{i}.png": ((24 + 5 * i, 18 + 3 * i), i) for i in range(6)},
+              "valid": {"v0.png": ((20, 16), 10)}, "test": {"t0.png": ((17, 23), 11)}}
+    for split, files in photos.items():
+        for img_id, (size, seed) in files.items():
+            noise_photo(src / "img_org" / split / img_id, size, seed, palette=seed == 2)
+    whole = (src / "img_org" / "train" / "p5.png").read_bytes()
+    (src / "img_org" / "train" / "broken.png").write_bytes(whole[: len(whole) // 2])  # cut off: no pixels
+    (src / "caption_dict.json").write_text(json.dumps({"p1.png": {"object 1": "a red thing"}, "v0.png": {}}))
+    torch.save({"p0.png": {"object 0": [0.5, 0.5, 0.2, 0.2], "flag": [0.1, 0.1, 0.1, 0.1]}}, src / "ent_train_dict.pth")
+    return src
+
+
+def output_digest(out: Path) -> str:
+    """sha256 over every output file: JSON as its bytes, a PNG as its size, mode and pixels (whatever zlib wrote)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(out).as_posix().encode() + b"\0")
+        if path.suffix == ".png":
+            with Image.open(path) as img:
+                digest.update(f"{img.size} {img.mode}".encode() + img.tobytes())
+        else:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+# `output_digest` of `mixed_source` ingested by the ingest stage as it was before it streamed (it held every fact of
+# a split, and parsed every line with ast.literal_eval); the streaming stage must write exactly the same
+MIXED_DIGEST = "3e984a1d6b0ab3afcc7fbeecad82ec1b71be5409316098663ed0d8627a0f3932"
+
+
+def test_streaming_ingest_writes_what_the_ingest_that_held_every_fact_wrote(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    src = mixed_source(Path("src"))
+    parsed_slowly = []
+    literal_eval = ast.literal_eval
+    monkeypatch.setattr(ast, "literal_eval", lambda text: parsed_slowly.append(text) or literal_eval(text))
+    summary = ingest("src", "out", IngestConfig(max_reject_fraction=1.0))
+    assert output_digest(Path("out")) == MIXED_DIGEST
+    assert summary["facts"] == {"train": 50, "dev": 5, "test": 4} and summary["rejects"] == 13
+    lines = (src / "txt" / "train.txt").read_text(encoding="utf-8").splitlines()
+    for reject in read_jsonl(Path("out/rejects.jsonl")):  # each names its file and line, whichever parser read it
+        assert reject["file"] == "src/txt/train.txt" and reject["excerpt"] == lines[reject["line"] - 1][:200]
+    # only the lines that are no plain literal (not a dict, a call, cut off, a set, a JSON `true`) or have an escape
+    # (the tab) took the slow path; the 62 others were read by fast_literal
+    slow = [line for line in lines if line.startswith(("not a dict", "__import__")) or not line.endswith("}")
+            or "{0, 1}" in line or "'relation': true" in line or "\\" in line]
+    assert len(slow) == 6 and parsed_slowly == slow
+
+
+@pytest.mark.parametrize("text", [
+    "{'a': 1}", "{}", "[]", "()", "(1)", "((1, 2))", "[(1)]", "('a', ['b', ('c',)])", "{'k': ()}", "(1,)", "[1,]",
+    "{'a': [1, (2, 3.5, -4e3, '0.5')], 'b': None, 'c': True}", "[0.1, 1E5, 2e-3, 00.5, 0.0e0, 1E+5, 1., .5]",
+    "012", "00", "-0", "-0.0", "1e400", "1j", "1_0", "+1", "- 1", "'a' 'b'", "'it\\'s'", '"it\'s"', "'\\x41'",
+    "{[1]: 2}", "{'a': 1, 'a': 2}", "{1: 2, True: 3}", "{1, 2}", "set()", "b'x'", "...", "True1", "[1 2]",
+    "true", "[null]", "NaN", "[Infinity]", "{'a': 'say \"hi\"'}", "{\"it's\": \"x\"}", "['a\tb']", "'\x00'",
+    "['(', ')', 'True', 'None']", "{'a':\r1}", "\t[1,\f2]", "9" * 5000, "[" * 150 + "]" * 150, "", "x",
+])
+def test_fast_literal_gives_what_literal_eval_gives_or_declines(text):
+    try:
+        expected = ast.literal_eval(text)
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        expected = NotSure
+    try:
+        got = fast_literal(text)
+    except NotSure:
+        return  # declined: the caller asks ast.literal_eval, which gives the value or the error of before
+    assert expected is not NotSure and repr(got) == repr(expected) and type(got) is type(expected)
+
+
+def _photo_grouped_source(root: Path, n_facts: int, per_photo: int) -> Path:
+    """`n_facts` train facts, the facts of each photo next to each other (as MORE and the demo write them)."""
+    photos = max(1, n_facts // per_photo)
+    lines = [fact(f"p{i * photos // n_facts}.png", (0.5, 0.5, 0.5, 0.5), "none", entity=(i % 4, i % 4 + 1),
+                  text=f"Alice Smith visits Paris today ({i})") for i in range(n_facts)]
+    src = write_more(root, {"train": lines})
+    for i in range(photos):
+        noise_photo(src / "img_org" / "train" / f"p{i}.png", (12, 10), i)
+    return src
+
+
+def test_each_photo_is_decoded_once_for_the_facts_that_follow_it(tmp_path, monkeypatch):
+    src = _photo_grouped_source(tmp_path / "src", 60, per_photo=6)
+    opened = []
+    image_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda path, *a: opened.append(Path(path).name) or image_open(path, *a))
+    assert ingest(src, tmp_path / "out", CFG)["facts"]["train"] == 60
+    assert sorted(opened) == sorted(f"p{i}.png" for i in range(10))
+
+
+def _traced_peak(src: Path, out: Path) -> int:
+    tracemalloc.start()
+    try:
+        ingest(src, out, CFG)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_does_not_grow_with_the_corpus(tmp_path):
+    """Python heap peak of a run (tracemalloc, not timing): 4x the facts of a few photos cost no more memory; 4x
+    the facts spread over 4x the photos cost only the per-photo pair counts (~1 KB a photo), far below holding the
+    facts (~3 KB a fact before the stage streamed)."""
+    sizes = (300, 1200)
+    few = [_traced_peak(_photo_grouped_source(tmp_path / f"few{n}", n, per_photo=n // 4), tmp_path / f"o{n}")
+           for n in sizes]
+    assert few[1] < 1.3 * few[0], few
+    spread = [_traced_peak(_photo_grouped_source(tmp_path / f"spread{n}", n, per_photo=6), tmp_path / f"s{n}")
+              for n in sizes]
+    assert (spread[1] - spread[0]) / (sizes[1] - sizes[0]) < 800, spread  # bytes per added fact

@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 import types
 import uuid
 from contextlib import contextmanager
@@ -154,9 +155,10 @@ def sft_batches(sft_dir: Path, labels: list[str]) -> dict[str, pd.DataFrame]:
 
 def fact_batches(ingested_dir: Path) -> tuple[dict[str, pd.DataFrame], list[str]]:
     """The facts suite's batches (each split, and `all`) and the label set of `labels.json`."""
-    rows = {split: _read_facts(ingested_dir / f"{split}.jsonl") for split in SPLITS}
-    rows[ALL] = [row for split in SPLITS for row in rows[split]]
-    return {name: _fact_frame(r) for name, r in rows.items()}, list(read_labels(ingested_dir / "labels.json"))
+    tables = {split: _read_facts(ingested_dir / f"{split}.jsonl") for split in SPLITS}
+    filled = [t for t in tables.values() if len(t)]  # as a frame of all rows: an empty split adds no column type
+    tables[ALL] = pd.concat(filled, ignore_index=True) if filled else _facts_table({})
+    return {name: _fact_frame(t) for name, t in tables.items()}, list(read_labels(ingested_dir / "labels.json"))
 
 
 def _fact_row(record: dict) -> dict:
@@ -174,27 +176,37 @@ def _fact_row(record: dict) -> dict:
     return row
 
 
-def _read_facts(path: Path) -> list[dict]:
-    """The fact rows of one split file; DataValidationError at the first record not shaped as in docs/data.md."""
+def _read_facts(path: Path) -> pd.DataFrame:
+    """The FACT_COLUMNS of one split file, read line by line (one value per column and row is held, not the
+    records); DataValidationError at the first record not shaped as in docs/data.md."""
+    columns = {name: [] for name in FACT_COLUMNS}
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = _fact_row(json.loads(line))
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise DataValidationError(
+                        f"{path}:{lineno}: not a fact record of docs/data.md ({type(exc).__name__}: {exc})") from None
+                for name, values in columns.items():
+                    values.append(row[name])
     except FileNotFoundError:
         raise BadInputError(f"{path}: missing (the ingest stage writes it)") from None
-    rows = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(_fact_row(json.loads(line)))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise DataValidationError(
-                f"{path}:{lineno}: not a fact record of docs/data.md ({type(exc).__name__}: {exc})") from None
-    return rows
+    columns["relation"] = [sys.intern(r) for r in columns["relation"]]  # one string per label, not per fact
+    return _facts_table(columns)
 
 
-def _fact_frame(rows: list[dict]) -> pd.DataFrame:
+def _facts_table(columns: dict[str, list]) -> pd.DataFrame:
+    """The frame of FACT_COLUMNS from their values (typed as a frame of the same rows would be; no rows: no type)."""
+    if not columns or not columns["id"]:
+        return pd.DataFrame([], columns=list(FACT_COLUMNS))
+    return pd.DataFrame(columns, columns=list(FACT_COLUMNS))
+
+
+def _fact_frame(df: pd.DataFrame) -> pd.DataFrame:
     """Fact rows with `is_none` and `label_share`, the share of a fact's relation among the non-none rows."""
-    df = pd.DataFrame(rows, columns=list(FACT_COLUMNS))
     is_none = df["relation"] == NONE
     shares = df.loc[~is_none, "relation"].value_counts(normalize=True)
     return df.assign(is_none=is_none, label_share=df["relation"].map(shares).astype(float))
