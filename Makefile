@@ -28,11 +28,19 @@ install: $(VENV)/.installed
 run: $(VENV)/.installed  ## the whole pipeline on the embedded default, through the Prefect flow
 	$(PY) flows/pipeline.py
 
-test: $(VENV)/.installed  ## all tests, including one end-to-end run on a tiny demo
+test: $(VENV)/.installed  ## all tests but the fault suite, including one end-to-end run on a tiny demo
 	$(PY) -m pytest -q
+
+.PHONY: test-faults
+test-faults: $(VENV)/.installed  ## the fault suite (tests/test_faults.py): kill -9, two runs at once, a lost tracking server, corrupt checkpoints, determinism
+	$(PY) -m pytest -q -m faults
 
 bench: $(VENV)/.installed  ## benchmark suite: tables on stdout, JSON in reports/bench/, MLflow runs; BENCH_QUICK=1 for small sizes
 	$(PY) benchmarks/run_all.py
+
+.PHONY: ablate
+ablate: $(VENV)/.installed  ## ablation grid of ablation.yaml (docs/ablation.md): a DVC experiment per cell, table in reports/ablation/; GRID=file PROFILE=name FORCE=1
+	$(PY) flows/ablate.py $(if $(GRID),--grid $(GRID)) $(if $(PROFILE),--profile $(PROFILE)) $(if $(FORCE),--force)
 
 ui: $(VENV)/.installed  ## MLflow UI on the local tracking store, http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(MORER1_STATE_DIR)/mlflow.db --host 127.0.0.1 --port 5000

@@ -40,7 +40,7 @@ def make_project(dest: Path, overrides: dict) -> Path:
     """A fresh git + DVC project at `dest` holding this repo's pipeline files and params.yaml with `overrides`."""
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
-    for name in ("dvc.yaml", "src", "expectations", "infra"):
+    for name in ("dvc.yaml", "src", "expectations", "infra", "data/sft_supplement"):
         src = REPO / name
         if src.is_dir():
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))

@@ -12,13 +12,18 @@ With `--profile NAME` the pipeline runs as the DVC experiment `NAME-<UTC time>` 
 from __future__ import annotations
 
 import argparse
-import threading
+import os
+import socket
+import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 from morer1.orchestrate import (
+    PipelineLocked,
     StageFailed,
     experiment_name,
     experiment_stage_results,
+    pipeline_lock,
     plan_pipeline,
     repro_stage,
     run_experiment,
@@ -26,9 +31,32 @@ from morer1.orchestrate import (
     set_param_overrides,
     summary_markdown,
 )
+from morer1 import prefect_server
 
 PROJECT = Path(__file__).resolve().parent.parent
 set_env_defaults(PROJECT)
+
+
+def _script_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--project-dir", default=str(PROJECT))
+    parser.add_argument("--stages", help="comma-separated stage names (default: all)")
+    parser.add_argument("--profile", help="params profile of profiles/ to run as a DVC experiment (default: none)")
+    return parser.parse_args()
+
+
+SERVER = None
+if __name__ == "__main__":
+    # As a script: the pipeline lock first (a second run stops here, in one line; the kernel frees the lock when
+    # this process ends), then, without PREFECT_API_URL, Prefect's temporary server boots in its own process while
+    # this one imports Prefect, MLflow and DVC and asks DVC what changed (morer1.prefect_server).
+    ARGS = _script_args()
+    LOCK = ExitStack()  # held in a module global for the process's life: a dropped context manager would release it
+    try:
+        LOCK.enter_context(pipeline_lock(ARGS.project_dir))
+    except PipelineLocked as exc:
+        sys.exit(f"morer1 pipeline: {exc}")
+    SERVER = prefect_server.launch()
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -38,9 +66,9 @@ from morer1 import tracking
 
 
 def _transient(task, task_run, state) -> bool:
-    """Retry a stage only for faults that a rerun can fix (not bad data, not a failed gate)."""
+    """Retry a stage only for faults that a rerun can fix (not bad data, not a failed gate, not a held lock)."""
     exc = state.result(raise_on_failure=False)
-    return not isinstance(exc, StageFailed) or exc.transient
+    return not isinstance(exc, PipelineLocked) and (not isinstance(exc, StageFailed) or exc.transient)
 
 
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=_transient, task_run_name="dvc-{stage}")
@@ -68,6 +96,12 @@ def pipeline(project_dir: str = str(PROJECT), stages: list[str] | None = None, p
     `profile` names an overlay in `profiles/`: the run is then a DVC experiment with it applied, and params.yaml
     is not touched. None runs params.yaml as it is (the demo, unless changed).
     """
+    with pipeline_lock(project_dir):  # a second run in this checkout stops here (`__main__` takes it before this)
+        return _run_pipeline(project_dir, stages, profile)
+
+
+def _run_pipeline(project_dir: str, stages: list[str] | None, profile: str | None) -> list[dict]:
+    """The flow's body, under the pipeline lock."""
     logger = get_run_logger()
     mlflow = tracking.setup()
     overrides = set_param_overrides(project_dir, profile) if profile else None  # a stale key stops here
@@ -75,11 +109,16 @@ def pipeline(project_dir: str = str(PROJECT), stages: list[str] | None = None, p
     if not profile and not plan.changed:
         logger.info("DVC reports no changes: every stage is up to date")
     exp: dict | None = {"profile": profile, "experiment": experiment_name(profile)} if profile else None
-    tags = {"prefect.flow_run_id": str(flow_run.id)}
+    # the stage tag, host and pid let the next pipeline run end this one as KILLED if its process dies outright
+    tags = {"prefect.flow_run_id": str(flow_run.id), "morer1.stage": "pipeline",
+            tracking.HOST_TAG: socket.gethostname(), tracking.PID_TAG: str(os.getpid())}
     if exp:
         tags.update({"morer1.profile": profile, "dvc.experiment": exp["experiment"]})
     results: list[dict] = []
     with mlflow.start_run(run_name="pipeline", tags=tags) as run:
+        ended = tracking.end_stale_runs("pipeline", run.info.run_id)
+        if ended:
+            mlflow.set_tag("morer1.ended_stale_runs", ",".join(ended))
         try:
             if exp:
                 try:
@@ -118,48 +157,19 @@ def pipeline(project_dir: str = str(PROJECT), stages: list[str] | None = None, p
     return results
 
 
-_PLANS: dict = {}  # (project_dir, stages) -> Plan computed while the temporary server starts (see below)
-
-
-def _start_temporary_server() -> threading.Thread | None:
-    """Without `PREFECT_API_URL`, start the temporary Prefect server the flow would start, in a thread, now; return
-    once its process is launched. It boots (seconds of imports, in its own process) while this process does what
-    the flow does first: MLflow's store and DVC's status. The flow then finds it running (Prefect keeps one
-    `SubprocessASGIServer` per process). None when a server is configured."""
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
-        return None
-    launching = threading.Event()
-
-    def start() -> None:
-        try:
-            from prefect.server.api.server import SubprocessASGIServer
-
-            server = SubprocessASGIServer()
-        finally:
-            launching.set()
-        server.start()  # launches the process at once, then waits until it answers
-
-    thread = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
-    thread.start()
-    launching.wait()
-    return thread
+_PLANS: dict = {}  # (project_dir, stages) -> Plan computed while the temporary server boots (see below)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--project-dir", default=str(PROJECT))
-    parser.add_argument("--stages", help="comma-separated stage names (default: all)")
-    parser.add_argument("--profile", help="params profile of profiles/ to run as a DVC experiment (default: none)")
-    args = parser.parse_args()
-    stages = args.stages.split(",") if args.stages else None
-    server = _start_temporary_server()
-    if server:
+    stages = ARGS.stages.split(",") if ARGS.stages else None
+    if SERVER:
         try:
             tracking.setup()
-            _PLANS[(args.project_dir, tuple(stages or ()))] = plan_pipeline(args.project_dir, stages)
+            _PLANS[(ARGS.project_dir, tuple(stages or ()))] = plan_pipeline(ARGS.project_dir, stages)
         except Exception:  # noqa: BLE001 - the flow does it again and reports the error
             pass
-        server.join()
-    pipeline(args.project_dir, stages, args.profile)
+        SERVER.wait_ready(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+    try:
+        pipeline(ARGS.project_dir, stages, ARGS.profile)  # takes the lock again (re-entrant): held since the start
+    except PipelineLocked as exc:  # DVC's own lock, held by a process outside any pipeline run
+        sys.exit(f"morer1 pipeline: {exc}")

@@ -1,5 +1,8 @@
-"""Prefect flow: move alias `champion` to the `challenger` version if it wins on dev (`morer1 promote`), the champion
-scored on the challenger's dev set.
+"""Prefect flow: copy the `challenger` candidate into the served model and move alias `champion` to it if it wins on
+dev (`morer1 promote`), the champion scored on the challenger's dev set.
+
+On servers with auth it runs with the promoter's MLflow account (`MLFLOW_TRACKING_USERNAME`/`_PASSWORD` of the
+worker of work pool `morer1-promote`), the only one that may write to `register.model_name`.
 
     python flows/promote.py [--project-dir DIR]
 """

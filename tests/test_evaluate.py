@@ -1,6 +1,7 @@
 """The evaluate stage picks the model on dev only; every candidate is reported on test beside it; chosen.json holds
 what register needs."""
 
+import csv
 import json
 
 import mlflow
@@ -50,11 +51,20 @@ def test_model_is_chosen_on_dev_and_every_candidate_is_reported_on_test(tmp_path
         right = model.endswith("good") == rows[0]["id"].startswith("dev")
         return [{**r, "completion": "", "predicted": r["relation"] if right else None} for r in rows]
 
+    def voted(model, rows, facts_dir, labels, cfg):
+        """Self-consistency of the chosen model: right with confidence 1 on the first two facts, a wrong relation
+        with confidence 0.4 on the third, no valid vote on the fourth (whose gold is none)."""
+        calls.append((model, rows[0]["id"].split("-")[0], "sc"))
+        answers = [(rows[0]["relation"], 1.0), (rows[1]["relation"], 1.0), ("/per/per/partner", 0.4), (None, 0.0)]
+        return [{**r, "completion": "c", "predicted": p, "confidence": c, "votes": {}} for r, (p, c) in zip(rows, answers)]
+
     monkeypatch.setattr(ev, "predict_facts", scripted)
+    monkeypatch.setattr(ev, "vote_facts", voted)
     out = tmp_path / "out"
     summary = ev.run(small_config(ev.EvaluateConfig), facts, models, out)
     assert summary["chosen"] == models[1]
-    assert calls == [(models[0], "dev"), (models[1], "dev"), (models[0], "test"), (models[1], "test")]
+    assert calls == [(models[0], "dev"), (models[1], "dev"), (models[0], "test"), (models[1], "test"),
+                     (models[1], "dev", "sc"), (models[1], "test", "sc")]  # only the chosen model, after test
     assert summary["dev_f1"] == 1.0 and summary["test_f1"] == 0.0
     assert summary["candidates"]["bad"]["test_f1"] == 1.0  # bad is better on test, still not chosen
     metrics = json.loads((out / "metrics.json").read_text())
@@ -76,10 +86,43 @@ def test_model_is_chosen_on_dev_and_every_candidate_is_reported_on_test(tmp_path
     assert chosen["dev_eval"] == {"max_facts": None, "seed": 0, "max_new_tokens": 256, "batch_size": 8}
     assert chosen["metrics"] == {f"{split}_{k}": metrics[split][k] for split in ("dev", "test") for k in SUMMARY_KEYS}
 
+    # greedy beside self-consistency: on test greedy is all invalid; the votes give one right relation of three
+    # non-none answers (a wrong relation, an invalid one) and one of two gold relations
+    sc = json.loads((out / "self_consistency.json").read_text())
+    assert (sc["samples"], sc["temperature"], sc["abstain_below"]) == (5, 0.7, 0.6)
+    assert sc["test"]["greedy"]["f1"] == 0.0 and sc["test"]["greedy"]["invalid_rate"] == 1.0
+    assert sc["test"]["self_consistency"]["precision"] == 1 / 3 and sc["test"]["self_consistency"]["recall"] == 0.5
+    # abstaining below 0.6 turns the wrong relation and the invalid answer into none: precision 1, recall kept
+    assert sc["test"]["abstain"]["precision"] == 1.0 and sc["test"]["abstain"]["recall"] == 0.5
+    assert sc["test"]["abstain"]["coverage"] == 0.5
+    assert sc["dev"]["abstain"]["accuracy"] == 0.75 and sc["dev"]["greedy"]["accuracy"] == 1.0
+    curve = list(csv.DictReader((out / "pr_coverage.csv").open()))
+    assert [float(r["threshold"]) for r in curve] == [i / 20 for i in range(21)]  # K=5: its shares are on the grid
+    assert [float(r["coverage"]) for r in curve if float(r["threshold"]) in (0.0, 0.4, 0.45, 1.0)] == [1.0, .75, .5, .5]
+    assert curve == [{k: str(v) for k, v in row.items()} for row in sc["test"]["curve"]]
+    page = (out / "report" / "index.html").read_text()
+    assert "<h2>Self-consistency</h2>" in page and page.count("<svg") == 2 and "abstain below 0.6000" in page
+    assert "://" not in page.replace("xmlns='http://www.w3.org/2000/svg'", "")  # offline: nothing fetched
+
     [run] = mlflow.search_runs(experiment_names=["morer1"], output_format="list")
+    assert run.data.metrics["sc.test.abstain_precision"] == 1.0 and run.data.metrics["sc.test.precision"] == 1 / 3
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"self_consistency.json", "pr_coverage.csv"} <= artifacts
     assert run.data.tags["morer1.stage"] == "evaluate" and run.data.tags["morer1.chosen_model"] == models[1]
     assert run.data.metrics["test_f1"] == 0.0 and run.data.metrics["candidates.bad.test_f1"] == 1.0
     assert run.data.params["evaluate.selection_metric"] == "f1"
+
+
+def test_self_consistency_off_writes_empty_outputs(tmp_path, facts, monkeypatch):
+    (tmp_path / "m").mkdir()
+    monkeypatch.setattr(ev, "predict_facts", lambda model, rows, *a: [{**r, "completion": "", "predicted": "none"}
+                                                                       for r in rows])
+    monkeypatch.setattr(ev, "vote_facts", lambda *a: pytest.fail("sc_samples 0: no sampling"))
+    summary = ev.run(small_config(ev.EvaluateConfig, sc_samples=0), facts, [str(tmp_path / "m")], tmp_path / "out")
+    assert "sc" not in summary
+    assert json.loads((tmp_path / "out" / "self_consistency.json").read_text()) == {"samples": 0}
+    assert (tmp_path / "out" / "pr_coverage.csv").read_text().startswith("threshold,coverage,precision")
+    assert "Self-consistency" not in (tmp_path / "out" / "report" / "index.html").read_text()
 
 
 def test_candidates_need_distinct_folder_names(tmp_path, facts):

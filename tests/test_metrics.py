@@ -341,3 +341,42 @@ def test_write_metrics_files_adds_extra_entries_in_one_write(tmp_path, m):
     data = json.loads((tmp_path / "metrics.json").read_text())
     assert set(data) == {"dev", "candidates"} and data["candidates"]["sft"]["dev_f1"] == 0.5
     assert not list(tmp_path.glob("*.tmp"))
+
+
+# --- the precision-recall-coverage curve of self-consistency ---------------------------------------------------------
+
+def test_coverage_curve_by_hand(tmp_path):
+    from morer1.metrics import coverage_curve, write_curve_csv
+
+    r1, r2 = "/per/per/partner", "/org/loc/locate_at"
+    golds = [r1, r1, r2, NONE, NONE]
+    voted = [r1, r2, r2, r1, None]  # right, wrong relation, right, wrong positive, invalid
+    conf = [1.0, 0.4, 0.6, 0.2, 0.0]
+    rows = coverage_curve(golds, voted, conf, DEFAULT_LABELS, [0.5, 0.0, 0.3, 1.0, 1.01, 0.5])
+    assert [r["threshold"] for r in rows] == [0.0, 0.3, 0.5, 1.0, 1.01]  # sorted, once each
+    t0, t3, t5, t10, t101 = rows
+    # T=0: nothing abstains; the invalid answer is a wrong positive (MORE): P = 2 right of 5 non-none answers
+    assert (t0["coverage"], t0["precision"], t0["recall"], t0["invalid_rate"]) == (1.0, approx(2 / 5), approx(2 / 3),
+                                                                                 0.2)
+    # T=0.3: the 0.2 and 0.0 answers become none (right for their none gold): P = 2/3, R = 2/3
+    assert (t3["coverage"], t3["precision"], t3["recall"], t3["invalid_rate"]) == (0.6, approx(2 / 3), approx(2 / 3),
+                                                                                 0.0)
+    assert t3["accuracy"] == approx(4 / 5)
+    # T=0.5: the wrong relation (0.4) abstains too: P = 1, R = 2/3
+    assert (t5["coverage"], t5["precision"], t5["recall"]) == (0.4, 1.0, approx(2 / 3))
+    assert (t10["coverage"], t10["precision"], t10["recall"]) == (0.2, 1.0, approx(1 / 3))
+    assert (t101["coverage"], t101["precision"], t101["recall"], t101["f1"]) == (0.0, 0.0, 0.0, 0.0)
+    path = write_curve_csv(rows, tmp_path / "curve.csv")
+    read = list(csv.DictReader(path.open()))
+    assert list(read[0]) == ["threshold", "coverage", "precision", "recall", "f1", "accuracy", "invalid_rate", "n"]
+    assert [float(r["coverage"]) for r in read] == [1.0, 0.6, 0.4, 0.2, 0.0]
+    assert write_curve_csv([], tmp_path / "empty.csv").read_text().split(",")[:2] == ["threshold", "coverage"]
+
+
+def test_coverage_curve_refuses_mismatched_lists_and_a_set_without_none():
+    from morer1.metrics import coverage_curve
+
+    with pytest.raises(ValueError, match="2 golds, 1 answers and 2 confidences"):
+        coverage_curve([NONE, NONE], [NONE], [1.0, 1.0], DEFAULT_LABELS, [0.0])
+    with pytest.raises(ValueError, match="lacks"):
+        coverage_curve(["/a/b/c"], ["/a/b/c"], [1.0], ["/a/b/c"], [0.0])

@@ -17,7 +17,7 @@ def flows_env(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
     monkeypatch.syspath_prepend(str(REPO / "flows"))
     yield
-    for name in ("pipeline", "promote", "serve"):
+    for name in ("pipeline", "promote", "serve", "flywheel", "ablate"):
         sys.modules.pop(name, None)
 
 
@@ -27,24 +27,28 @@ def test_prefect_yaml_deployments_name_flows_that_exist(flows_env):
 
     config = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in config["deployments"]}
-    assert set(deployments) == {"nightly", "manual"}
+    assert set(deployments) == {"nightly", "manual", "flywheel"}
     flows = {name: load_flow_from_entrypoint(str(REPO / d["entrypoint"])) for name, d in deployments.items()}
     assert flows["nightly"].name == "morer1-pipeline" and flows["manual"].name == "morer1-promote"
+    # the promoter's worker alone holds the credentials that may move champion: promotion has its own pool
+    pools = {name: d["work_pool"]["name"] for name, d in deployments.items()}
+    assert pools == {"nightly": "morer1-process", "flywheel": "morer1-process", "manual": "morer1-promote"}
     for name, deployment in deployments.items():
-        assert deployment["work_pool"]["name"] == "morer1-process"
         assert set(deployment["parameters"]) <= set(flows[name].parameters.properties)
-    [schedule] = deployments["nightly"]["schedules"]
-    CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])  # raises on a bad cron or zone
+    for name in ("nightly", "flywheel"):
+        [schedule] = deployments[name]["schedules"]
+        CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])  # raises on a bad cron or zone
     assert "nothing" in deployments["nightly"]["description"] and not deployments["manual"].get("schedules")
 
 
 def test_serve_builds_a_scheduled_pipeline_and_an_unscheduled_promotion(flows_env):
     import serve
 
-    nightly, manual = serve.deployments("*/5 * * * *")
-    assert (nightly.flow_name, nightly.name, manual.flow_name, manual.name) == (
-        "morer1-pipeline", "nightly", "morer1-promote", "manual")
+    nightly, manual, flywheel = serve.deployments("*/5 * * * *")
+    assert (nightly.flow_name, nightly.name, manual.flow_name, manual.name, flywheel.flow_name, flywheel.name) == (
+        "morer1-pipeline", "nightly", "morer1-promote", "manual", "morer1-flywheel", "flywheel")
     assert [s.schedule.cron for s in nightly.schedules] == ["*/5 * * * *"] and not manual.schedules
+    assert [s.schedule.cron for s in flywheel.schedules] == [serve.WEEKLY]
 
 
 DECISION = {"model_name": "morer1", "metric": "dev_f1", "margin": 0.005, "challenger_version": "3",

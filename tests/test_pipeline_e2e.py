@@ -43,7 +43,7 @@ def _project(tmp_path: Path, overrides: dict = SMALL) -> Path:
     """A fresh git + DVC project holding this repo's pipeline files and params.yaml with `overrides`."""
     project = tmp_path / "project"
     project.mkdir()
-    for name in ("dvc.yaml", "src", "expectations", "infra"):
+    for name in ("dvc.yaml", "src", "expectations", "infra", "data/sft_supplement"):
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, project / name)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -114,8 +114,9 @@ def test_flow_runs_every_stage_nested_in_one_mlflow_run_then_nothing_to_do(tmp_p
     assert registered["version"] == "1" and registered["promotion"]["decision"] == "promoted"
     from mlflow import MlflowClient
 
-    model = MlflowClient().get_registered_model("morer1")
-    assert int(model.aliases["champion"]) == 1 and int(model.aliases["challenger"]) == 1
+    # the chosen model is registered as candidate (alias challenger) and promotion copies it into the served model
+    assert MlflowClient().get_registered_model("morer1-candidates").aliases == {"challenger": "1"}
+    assert MlflowClient().get_registered_model("morer1").aliases == {"champion": "1"}
     assert parent.data.tags["dvc_lock_sha256"] != "none" and parent.data.tags["git_commit"]
 
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=project, capture_output=True, text=True)

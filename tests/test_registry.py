@@ -37,7 +37,7 @@ CORPUS = [
     "<think>\nStep 1: A person on a stage.\nStep 6: She governs from Berlin.\n</think>\n"
     "<answer>/per/loc/place_of_governance</answer>",
 ] * 20
-OUTPUT = ["label", "rationale", "completion"]
+OUTPUT = ["label", "rationale", "completion", "confidence"]
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def registered(store, tiny, data, tmp_path_factory):
     summary = registry.run(CFG.model_copy(update={"facts": str(data["v1"][0])}),
                            chosen_json(root, tiny[0], {"dev_f1": 0.5, "test_f1": 0.4}, data["v1"][1]), root / "out")
     assert json.loads((root / "out" / "registered.json").read_text()) == summary
-    return MlflowClient().get_model_version(CFG.model_name, summary["version"])
+    return MlflowClient().get_model_version(CFG.candidates_model_name, summary["version"])
 
 
 def rows(photo: Path) -> pd.DataFrame:
@@ -125,21 +125,53 @@ def rows(photo: Path) -> pd.DataFrame:
                           "box": [10, 8, 50, 40]} for image in images])
 
 
+def named(name: str, **values) -> RegisterConfig:
+    """The tests' RegisterConfig for served model `name`, whose candidates model is `<name>-candidates`."""
+    return small_config(RegisterConfig, model_name=name, candidates_model_name=f"{name}-candidates", **values)
+
+
 def add_version(registered, name: str, dev_f1: float | None, dev: evaluate.DevSet | None) -> str:
     """Register the module's logged model again under `name` (as challenger) with a given dev_f1 tag, scored on `dev`
     with EVAL (None: no dev set recorded, as versions registered before they were)."""
     metrics = {} if dev_f1 is None else {"dev_f1": dev_f1}
-    return str(registry.register_version(registered.source, small_config(RegisterConfig, model_name=name),
-                                         metrics, registry.dev_tags({"dev_set": dev.sha256, "dev_eval": evaluate.dev_eval(EVAL)})
-                                         if dev else {}).version)
+    tags = registry.dev_tags({"dev_set": dev.sha256, "dev_eval": evaluate.dev_eval(EVAL)}) if dev else {}
+    return str(registry.register_version(registered.source, named(name), metrics, tags).version)
+
+
+def served(name: str):
+    """The version of served model `name` that carries `champion`."""
+    return MlflowClient().get_model_version_by_alias(name, CHAMPION)
 
 
 def aliases(name: str) -> dict[str, str]:
-    return {alias: str(v) for alias, v in MlflowClient().get_registered_model(name).aliases.items()}
+    """`challenger` of `<name>-candidates` and, for `champion` of `name`, the candidate version it is a copy of."""
+    client = MlflowClient()
+    found = {alias: str(v) for alias, v in client.get_registered_model(f"{name}-candidates").aliases.items()}
+    champion = registry.version_by_alias(client, name, CHAMPION)
+    if champion is not None:
+        source = champion.source
+        assert source.startswith(f"models:/{name}-candidates/"), source
+        found[CHAMPION] = source.rsplit("/", 1)[1]
+    return found
+
+
+def candidate(name: str, version: str):
+    return MlflowClient().get_model_version(f"{name}-candidates", version)
 
 
 def test_register_tags_version_and_promotes_the_first(registered, tiny, data):
-    assert sorted(registered.aliases) == [CHALLENGER, CHAMPION]
+    """The candidate is `challenger` of morer1-candidates; its copy in morer1, with the same tags and logged model,
+    is `champion` and records the decision that made it so."""
+    assert registered.aliases == [CHALLENGER] and registered.name == CFG.candidates_model_name == "morer1-candidates"
+    copy = served(CFG.model_name)
+    assert copy.source == f"models:/{CFG.candidates_model_name}/{registered.version}"
+    assert (copy.run_id, copy.model_id) == (registered.run_id, registered.model_id)
+    assert {k: v for k, v in copy.tags.items() if not k.startswith("promotion")} == {
+        k: v for k, v in registered.tags.items() if not k.startswith("promotion")}
+    recorded = json.loads(copy.tags["promotion"])
+    assert (recorded["decision"], recorded["challenger_version"], recorded["served_version"]) == (
+        "promoted", str(registered.version), str(copy.version))
+    assert registered.tags["promotion.served_version"] == str(copy.version)
     tags = registered.tags
     assert {"git_commit", "dvc_lock_sha256", "data_version"} <= set(tags)
     assert tags["dev_set"] == data["v1"][1].sha256 and json.loads(tags["dev_eval"]) == {
@@ -150,6 +182,61 @@ def test_register_tags_version_and_promotes_the_first(registered, tiny, data):
     assert (run.data.metrics["dev_f1"], run.data.metrics["test_f1"]) == (0.5, 0.4)
     assert run.data.tags["morer1.stage"] == "register" and run.data.tags["morer1.promotion"] == "promoted"
     assert run.data.params["register.model_name"] == CFG.model_name
+    assert run.data.params["register.candidates_model_name"] == CFG.candidates_model_name
+
+
+def test_rerun_of_register_reuses_the_version(registered, tiny, data, tmp_path):
+    """The same chosen.json registered again (a rerun after a kill, or `dvc repro -f`): no new version, no new copy,
+    the tags set again, champion kept."""
+    client = MlflowClient()
+    before = [v.version for v in client.search_model_versions(f"name = '{CFG.candidates_model_name}'")]
+    copies = [v.version for v in client.search_model_versions(f"name = '{CFG.model_name}'")]
+    summary = registry.run(CFG.model_copy(update={"facts": str(data["v1"][0])}),
+                           chosen_json(tmp_path, tiny[0], {"dev_f1": 0.5, "test_f1": 0.45}, data["v1"][1]),
+                           tmp_path / "out")
+    assert summary["version"] == str(registered.version) and summary["promotion"]["decision"] == "already_champion"
+    assert [v.version for v in client.search_model_versions(f"name = '{CFG.candidates_model_name}'")] == before
+    assert [v.version for v in client.search_model_versions(f"name = '{CFG.model_name}'")] == copies
+    assert client.get_model_version(CFG.candidates_model_name, registered.version).tags["test_f1"] == "0.45"
+    assert mlflow.get_run(summary_run(summary)).data.tags["morer1.reused_version"] == str(registered.version)
+    client.set_model_version_tag(CFG.candidates_model_name, registered.version, "test_f1", "0.4")  # as the fixture
+
+
+def test_other_served_settings_are_another_registration(tiny, data, tmp_path):
+    """The pyfunc's model_config is part of the logged model: the same model, data and evaluation registered with
+    other serve settings is a new version, not the old one with its old settings."""
+    chosen = chosen_json(tmp_path, tiny[0], {"dev_f1": 0.5}, data["v1"][1])
+    first = registry.run(named("serve-settings", facts=str(data["v1"][0])), chosen, tmp_path / "a")
+    second = registry.run(named("serve-settings", facts=str(data["v1"][0]), max_new_tokens=7), chosen, tmp_path / "b")
+    assert first["version"] != second["version"]
+    loaded = mlflow.pyfunc.load_model(f"models:/serve-settings-candidates/{second['version']}")
+    assert loaded.model_config["max_new_tokens"] == 7
+    assert json.loads(candidate("serve-settings", second["version"]).tags["serve_config"])["max_new_tokens"] == 7
+
+
+def summary_run(summary: dict) -> str:
+    """The id of the latest register stage run (the one that wrote `summary`)."""
+    runs = mlflow.search_runs(experiment_names=["morer1"], filter_string="tags.`morer1.stage` = 'register'",
+                              order_by=["start_time DESC"], max_results=1, output_format="list")
+    assert runs[0].data.tags["morer1.registered_version"] == summary["version"]
+    return runs[0].info.run_id
+
+
+def test_register_without_promotion_defers(registered, tiny, data, tmp_path):
+    """register.promote false (team servers: the pipeline's account may not move champion): only a candidate."""
+    name = "deferred"
+    summary = registry.run(named(name, promote=False, facts=str(data["v1"][0])),
+                           chosen_json(tmp_path, tiny[0], {"dev_f1": 0.5}, data["v1"][1]), tmp_path / "out")
+    assert summary["model_name"] == f"{name}-candidates" and summary["promotion"]["decision"] == "deferred"
+    assert aliases(name) == {CHALLENGER: summary["version"]}
+    decision = registry.promote(named(name, facts=str(data["v1"][0])))
+    assert decision["decision"] == "promoted" and aliases(name) == {CHALLENGER: summary["version"],
+                                                                     CHAMPION: summary["version"]}
+
+
+def test_candidates_and_served_model_must_differ():
+    with pytest.raises(ValueError, match="candidates_model_name must differ"):
+        small_config(RegisterConfig, model_name="m", candidates_model_name="m")
 
 
 def test_register_refuses_a_model_changed_since_evaluate(tiny, data, tmp_path):
@@ -169,7 +256,7 @@ def test_versions_registered_before_the_move_still_load():
 
 
 def test_pyfunc_round_trip_matches_the_model_folder(registered, tiny):
-    model = mlflow.pyfunc.load_model(f"models:/{CFG.model_name}@{CHALLENGER}")
+    model = mlflow.pyfunc.load_model(f"models:/{CFG.candidates_model_name}@{CHALLENGER}")
     assert model.model_config == serve.ServeConfig(max_new_tokens=6, batch_size=2).model_dump()
     frame = rows(tiny[2])
     served = model.predict(frame)
@@ -219,12 +306,12 @@ def test_bad_rows_are_named(tiny, row, message):
 def test_first_challenger_becomes_champion_then_no_op(registered):
     name = "first"
     with pytest.raises(BadInputError, match="no 'challenger' version"):
-        registry.promote(small_config(RegisterConfig, model_name=name))
+        registry.promote(named(name))
     version = add_version(registered, name, 0.5, None)
-    decision = registry.promote(small_config(RegisterConfig, model_name=name))
+    decision = registry.promote(named(name))
     assert (decision["decision"], decision["reason"]) == ("promoted", "no champion yet")
     assert aliases(name) == {CHALLENGER: version, CHAMPION: version}
-    again = registry.promote(small_config(RegisterConfig, model_name=name))
+    again = registry.promote(named(name))
     assert again["decision"] == "already_champion" and aliases(name)[CHAMPION] == version
 
 
@@ -238,16 +325,16 @@ def test_promotion_decision(registered, data, champion, challenger, expected, mo
     """Champion and challenger scored on one dev set with one setting: their tags are compared, nothing re-scored."""
     name = f"case-{str(challenger).replace('.', '_')}"
     old = add_version(registered, name, champion, data["v1"][1])
-    registry.promote(small_config(RegisterConfig, model_name=name))
+    registry.promote(named(name))
     new = add_version(registered, name, challenger, data["v1"][1])
     monkeypatch.setattr(evaluate, "predict_facts", lambda *a: pytest.fail("same data: nothing to re-score"))
-    decision = registry.promote(small_config(RegisterConfig, model_name=name, facts="no/such/folder"))
+    decision = registry.promote(named(name, facts="no/such/folder"))
     assert decision["decision"] == expected
     if challenger is not None:
         assert decision["champion_scored"] == "tag, same data" and "(tag, same data)" in decision["reason"]
         assert decision["challenger_dev_set"] == decision["champion_dev_set"] == data["v1"][1].sha256
     assert aliases(name)[CHAMPION] == (new if expected == "promoted" else old)
-    tags = MlflowClient().get_model_version(name, new).tags
+    tags = candidate(name, new).tags
     assert tags["promotion.decision"] == expected and tags["promotion.reason"] == decision["reason"]
     assert tags["promotion.champion_tag_value"] == "0.5" and tags["promotion.champion_version"] == old
     assert tags["promotion.champion_value"] == ("0.5" if challenger is not None else "None")  # the number compared
@@ -257,7 +344,7 @@ def test_promotion_decision(registered, data, champion, challenger, expected, mo
 def test_failed_promotion_keeps_the_champion(registered, data, monkeypatch):
     name = "failing"
     old = add_version(registered, name, 0.5, data["v1"][1])
-    registry.promote(small_config(RegisterConfig, model_name=name))
+    registry.promote(named(name))
     new = add_version(registered, name, 0.9, data["v1"][1])
 
     def broken(self, name, alias, version):
@@ -265,9 +352,17 @@ def test_failed_promotion_keeps_the_champion(registered, data, monkeypatch):
 
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", broken)
     with pytest.raises(RuntimeError, match="registry down"):
-        registry.promote(small_config(RegisterConfig, model_name=name))
+        registry.promote(named(name))
     assert aliases(name)[CHAMPION] == old
-    assert "promotion.decision" not in MlflowClient().get_model_version(name, new).tags
+    assert "promotion.decision" not in candidate(name, new).tags
+    copies = MlflowClient().search_model_versions(f"name = '{name}'")
+    assert len(copies) == 2  # the old champion's copy and the challenger's, made before the failed move
+
+    monkeypatch.undo()
+    decision = registry.promote(named(name))  # the rerun reuses the copy
+    assert decision["decision"] == "promoted" and aliases(name)[CHAMPION] == new
+    assert len(MlflowClient().search_model_versions(f"name = '{name}'")) == 2
+    assert candidate(name, new).tags["promotion.served_version"] == str(served(name).version)
 
 
 def direct_f1(model_dir: Path, folder: Path) -> float:
@@ -283,7 +378,8 @@ def test_champion_of_other_data_is_rescored_on_the_challengers_dev_set(registere
     champion's registered model scored on v2's dev facts is what the challenger is compared with."""
     name, (v2, dev2) = "drift", data["v2"]
     champion = add_version(registered, name, 0.9, data["v1"][1])
-    registry.promote(small_config(RegisterConfig, model_name=name))
+    registry.promote(named(name))
+    champion_copy = served(name).version
     expected = direct_f1(tiny[0], v2)
     # the challenger: another model folder (a copy of the tiny model with one more file), on data v2
     shutil.copytree(tiny[0], tmp_path / "challenger")
@@ -295,7 +391,7 @@ def test_champion_of_other_data_is_rescored_on_the_challengers_dev_set(registere
         return original(model_dir, facts, facts_dir, labels, cfg)
 
     monkeypatch.setattr(evaluate, "predict_facts", spy)
-    summary = registry.run(small_config(RegisterConfig, model_name=name, facts=str(v2)),
+    summary = registry.run(named(name, facts=str(v2)),
                            chosen_json(tmp_path, tmp_path / "challenger", {"dev_f1": 0.3, "dev_n": 4}, dev2),
                            tmp_path / "out")
     decision, new = summary["promotion"], summary["version"]
@@ -310,12 +406,13 @@ def test_champion_of_other_data_is_rescored_on_the_challengers_dev_set(registere
         f"dev_f1 0.3000 beats champion {expected:.4f} ({decision['champion_scored']}) by more than 0.005")
     assert aliases(name) == {CHALLENGER: new, CHAMPION: new}
     assert json.loads((tmp_path / "out" / "registered.json").read_text())["promotion"] == decision
-    tags = MlflowClient().get_model_version(name, new).tags
+    tags = candidate(name, new).tags
     assert tags["promotion.champion_value"] == str(expected) and tags["promotion.champion_tag_value"] == "0.9"
     assert tags["promotion.champion_scored"] == decision["champion_scored"]
     assert (tags["promotion.challenger_dev_set"], tags["promotion.champion_dev_set"]) == (
         dev2.sha256, data["v1"][1].sha256)
-    assert MlflowClient().get_model_version(name, champion).tags[f"rescored.{dev2.sha256[:12]}.dev_f1"] == repr(expected)
+    assert champion != new and MlflowClient().get_model_version(name, champion_copy).tags[
+        f"rescored.{dev2.sha256[:12]}.dev_f1"] == repr(expected)
 
 
 @pytest.mark.parametrize("case", ["facts-missing", "other-facts", "challenger-records-none"])
@@ -324,12 +421,12 @@ def test_promotion_refuses_what_it_cannot_score_on_one_dev_set(registered, data,
     version), or for a challenger that records no dev set: refused with the reason; the champion stays."""
     name = f"refuse-{case}"
     old = add_version(registered, name, 0.5, data["v1"][1])
-    registry.promote(small_config(RegisterConfig, model_name=name))
+    registry.promote(named(name))
     new = add_version(registered, name, 0.9, None if case == "challenger-records-none" else data["v2"][1])
     facts = {"facts-missing": tmp_path / "absent", "other-facts": data["v1"][0],
              "challenger-records-none": data["v2"][0]}[case]
     monkeypatch.setattr(evaluate, "predict_facts", lambda *a: pytest.fail("no evaluation may run"))
-    decision = registry.promote(small_config(RegisterConfig, model_name=name, facts=str(facts)))
+    decision = registry.promote(named(name, facts=str(facts)))
     assert decision["decision"] == "refused" and aliases(name)[CHAMPION] == old
     assert decision["champion_value"] is None and decision["champion_scored"] is None
     assert decision["challenger_value"] == 0.9 and decision["champion_tag_value"] == 0.5
@@ -338,12 +435,12 @@ def test_promotion_refuses_what_it_cannot_score_on_one_dev_set(registered, data,
                           f"{data['v2'][1].sha256[:12]}",
            "challenger-records-none": f"challenger version {new} records no dev set"}[case]
     assert why in decision["reason"] and "unlike dev_f1 numbers are not compared" in decision["reason"]
-    tags = MlflowClient().get_model_version(name, new).tags
+    tags = candidate(name, new).tags
     assert tags["promotion.decision"] == "refused" and tags["promotion.reason"] == decision["reason"]
 
 
 def test_predict_one_and_jsonl(registered, tiny, tmp_path):
-    uri = f"models:/{CFG.model_name}@{CHALLENGER}"
+    uri = f"models:/{CFG.candidates_model_name}@{CHALLENGER}"
     answer = predict_one(uri, str(tiny[2]), "Angela Merkel speaks in Berlin", "Berlin", [10, 8, 50, 40])
     assert set(answer) == set(OUTPUT)
     (tmp_path / "photo.png").write_bytes(tiny[2].read_bytes())
@@ -356,7 +453,7 @@ def test_predict_one_and_jsonl(registered, tiny, tmp_path):
                          allow_dirs=[tmp_path, tiny[2].parent]) == 2  # line b's photo lies outside tmp_path
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [{k: o[k] for k in lines[0]} for o in out] == lines
-    assert all(set(o) == set(lines[0]) | {"label", "rationale"} for o in out)
+    assert all(set(o) == set(lines[0]) | {"label", "rationale", "confidence"} for o in out)
 
 
 def test_champion_served_over_http(registered, tiny, tmp_path):

@@ -157,3 +157,30 @@ def test_image_paths_stay_inside_facts_dir(tmp_path):
                  object={"name": "x", "box": [0, 0, 5, 5], "crop": str(tmp_path / "outside.png"), "caption": None})]
     page = write_report(rows, facts, tmp_path / "r", "t").read_text(encoding="utf-8")
     assert "image missing" in page and "crop missing" in page and "<img" not in page
+
+
+def test_self_consistency_section_and_offline_curve(tmp_path):
+    from morer1.metrics import coverage_curve
+
+    facts = _facts_dir(tmp_path)
+    rows = [_row(1, A, A), _row(2, NONE, B)]
+    curve = coverage_curve([A, NONE], [A, B], [1.0, 0.4], [NONE, A, B], [0.0, 0.5, 1.0])
+    m = {"accuracy": 0.5, "precision": 0.5, "recall": 1.0, "f1": 2 / 3, "invalid_rate": 0.0}
+    sc = {"samples": 5, "temperature": 0.7, "abstain_below": 0.6, "seconds": 1.0,
+          "dev": {"greedy": m, "self_consistency": m, "abstain": {**m, "precision": 1.0, "coverage": 0.5},
+                  "curve": curve}}
+    page = write_report(rows, facts, tmp_path / "report", "dev", self_consistency=sc).read_text(encoding="utf-8")
+    assert "<h2>Self-consistency</h2>" in page and "5 completions sampled per fact at temperature 0.7000" in page
+    assert ("<tr><td>dev</td><td>self-consistency, abstain below 0.6000</td><td>0.5000</td><td>1.0000</td>"
+            "<td>1.0000</td><td>0.6667</td><td>0.0000</td><td>0.5000</td></tr>") in page
+    assert "<tr><td>dev</td><td>greedy</td>" in page and page.count("<svg") == 1
+    svg = page[page.index("<svg"):page.index("</svg>")]
+    lines = re.findall(r"<polyline points='([^']+)' fill='none' stroke='(#[0-9a-f]+)'", svg)
+    assert len(lines) == 3  # precision, recall, coverage
+    # coverage steps 1 -> 0.5 -> 0.5 over T = 0, 0.5, 1: two points per step but the last, each in the plot box
+    coverage = [tuple(map(float, p.split(","))) for p in lines[2][0].split()]
+    assert len(coverage) == 5 and coverage[0][1] < coverage[2][1] == coverage[4][1]
+    # the page stays offline: the CSP is unchanged and nothing refers outside it
+    assert "default-src &#x27;none&#x27;" in page and "://" not in page.replace("xmlns='http://www.w3.org/2000/svg'", "")
+    without = write_report(rows, facts, tmp_path / "plain", "dev").read_text(encoding="utf-8")
+    assert "Self-consistency" not in without and "<svg" not in without

@@ -245,13 +245,14 @@ class Checker:
     """In place of a loaded model for `predict_one`/`predict_jsonl`: the real checks, a fixed answer."""
 
     def __init__(self, **limits):
-        self.cfg, self.batches = ServeConfig(max_new_tokens=4, **limits), []
+        self.cfg, self.batches, self.params = ServeConfig(max_new_tokens=4, **limits), [], []
 
-    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+    def predict(self, frame: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         rows = checked_rows(frame, self.cfg)
         self.batches.append(frame)
+        self.params.append(params)
         return pd.DataFrame({"label": ["none"] * len(rows), "rationale": ["why"] * len(rows),
-                             "completion": ["c"] * len(rows)})
+                             "completion": ["c"] * len(rows), "confidence": [0.5] * len(rows)})
 
 
 def test_jsonl_goes_in_chunks_of_max_rows_and_names_the_line(folders, monkeypatch, tmp_path):
@@ -264,6 +265,9 @@ def test_jsonl_goes_in_chunks_of_max_rows_and_names_the_line(folders, monkeypatc
     assert serve.predict_jsonl("m", allowed / "in.jsonl", tmp_path / "out.jsonl") == 5
     assert [len(b) for b in checker.batches] == [2, 2, 1]
     assert [json.loads(x)["label"] for x in (tmp_path / "out.jsonl").read_text().splitlines()] == ["none"] * 5
+    assert [json.loads(x)["confidence"] for x in (tmp_path / "out.jsonl").read_text().splitlines()] == [0.5] * 5
+    assert serve.predict_jsonl("m", allowed / "in.jsonl", tmp_path / "out.jsonl", params={"samples": 3}) == 5
+    assert checker.params[-3:] == [{"samples": 3}] * 3  # every chunk gets the params
 
     bad = [{**line, "image": "photo.png"}] * 2 + [{**line, "image": "photo.png", "title": "x" * 1001}]
     (allowed / "bad.jsonl").write_text("\n" + "".join(json.dumps(x) + "\n" for x in bad))  # a blank first line
@@ -280,10 +284,12 @@ def test_cli_predict_allows_only_the_given_folders(folders, monkeypatch, capsys)
     from morer1.cli import main
 
     allowed, outside = folders
-    monkeypatch.setattr(serve, "load_predictor", lambda uri: Checker())
     question = ["predict", "--model", "m", "--title", TITLE, "--entity", ENTITY, "--box", "10", "8", "50", "40"]
+    checker = Checker()
+    monkeypatch.setattr(serve, "load_predictor", lambda uri: checker)
     main(question + ["--image", str(allowed / "photo.png")])
-    assert "label: none\nrationale: why" in capsys.readouterr().out
+    assert "label: none\nconfidence: 0.50\nrationale: why" in capsys.readouterr().out
+    assert checker.params == [{"samples": 1, "abstain_below": 0.0}]  # greedy unless asked
     for image, extra in ((allowed / "outside-link.png", []), (outside / "secret.png", ["--allow-dir", str(allowed)])):
         with pytest.raises(SystemExit) as exit_:
             main(question + ["--image", str(image)] + extra)
@@ -323,18 +329,26 @@ def test_served_model_refuses_hostile_rows_and_keeps_serving(photo_file, tmp_pat
                            str(port), "--env-manager", "local", "--workers", "1"], tmp_path / "serve.log", env)
     url = f"http://127.0.0.1:{port}"
 
-    def invoke(records: list[dict]) -> httpx.Response:
-        return httpx.post(f"{url}/invocations", json={"dataframe_records": records}, timeout=60)
+    def invoke(records: list[dict], **params) -> httpx.Response:
+        body = {"dataframe_records": records, **({"params": params} if params else {})}
+        return httpx.post(f"{url}/invocations", json=body, timeout=60)
 
     def answers_a_good_row() -> None:
         reply = invoke([GOOD])
         assert reply.status_code == 200, reply.text
         [prediction] = reply.json()["predictions"]
-        assert set(prediction) == {"label", "rationale", "completion"} and isinstance(prediction["completion"], str)
+        assert set(prediction) == {"label", "rationale", "completion", "confidence"}
+        assert isinstance(prediction["completion"], str)
 
     try:
         wait_healthy(f"{url}/ping", server, tmp_path / "serve.log")
         answers_a_good_row()
+        sampled = invoke([GOOD, GOOD], samples=3, abstain_below=1.01)  # self-consistency, then abstention
+        assert sampled.status_code == 200, sampled.text
+        assert [p["label"] for p in sampled.json()["predictions"]] == ["none", "none"]
+        assert {p["confidence"] for p in sampled.json()["predictions"]} <= {0.0, 1 / 3, 2 / 3, 1.0}
+        too_many = invoke([GOOD], samples=9)
+        assert too_many.status_code == 400 and "max_samples=8" in too_many.json()["message"]
         hostile = {name: ([GOOD, {**GOOD, **change}], message) for name, (change, message)
                    in hostile_rows(photo_file).items() if name != "box-floats"}  # floats: MLflow's schema refuses
         hostile["too-many-rows"] = ([GOOD] * 33, "row 32: one request holds at most max_rows=32 rows, got 33")

@@ -4,11 +4,13 @@ Against a real `mlflow server --app-name basic-auth` and a real `prefect server 
 on 127.0.0.1 with temporary stores and their own admin credentials, started and stopped here:
 
 - MLflow: no or wrong credentials -> 401; `infra/servers/mlflow_auth_bootstrap.py` creates the accounts (twice: it is
-  idempotent); the pipeline account, in a process of its own that reads its credentials from the environment, logs a
-  stage run with a model through `morer1.tracking` and registers it as a candidate with alias `challenger`, but may not
-  put a version in the served model or touch `champion` (403); the promotion account copies the challenger into the
-  served model and sets `champion`, but may not delete it; a reader reads and downloads the champion, but may not move
-  an alias or log a run (403). No password reaches a server log or a command's output.
+  idempotent); the pipeline account, in a process of its own that reads its credentials from the environment, runs
+  the register stage (`morer1.registry.run`, register.promote false): a stage run with the model, a version of
+  `morer1-candidates` with alias `challenger`; it may not put a version in the served model `morer1` nor touch its
+  `champion` (403), and `morer1.registry.promote` as the pipeline fails saying so; the promotion account promotes
+  with `morer1.registry.promote` (copy into `morer1`, `champion` moved), but may not delete `champion`; a reader
+  reads and downloads the champion, but may neither promote, move an alias nor log a run (403). No password reaches a
+  server log or a command's output.
 - Prefect: without the auth string, or with a wrong one -> 401; with it (`PREFECT_API_AUTH_STRING`) a flow runs.
 
 And without servers: the compose file parses, publishes on 127.0.0.1 unless MORER1_BIND says otherwise, and carries
@@ -134,21 +136,11 @@ def _status(call) -> int:
     return 200
 
 
-PIPELINE_ACTOR = f"""
-import json, mlflow
-from mlflow import MlflowClient
-from morer1 import tracking
-
-class Echo(mlflow.pyfunc.PythonModel):
-    def predict(self, context, model_input, params=None):
-        return model_input
-
-with tracking.stage_run("register") as run:  # MLFLOW_TRACKING_URI / _USERNAME / _PASSWORD from the environment
-    mlflow.log_metric("dev_f1", 0.61)
-    info = mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=[])
-version = mlflow.register_model(info.model_uri, {CANDIDATES!r}, tags={{"dev_f1": "0.61"}}).version
-MlflowClient().set_registered_model_alias({CANDIDATES!r}, "challenger", version)
-print(json.dumps({{"run_id": run.info.run_id, "version": version}}))
+PIPELINE_ACTOR = """
+import json, sys
+from morer1 import registry
+# MLFLOW_TRACKING_URI / _USERNAME / _PASSWORD from the environment, as in a DVC stage
+print(json.dumps(registry.run(registry.RegisterConfig(**json.loads(sys.argv[1])), sys.argv[2], sys.argv[3])))
 """
 
 
@@ -187,21 +179,41 @@ def test_pipeline_registers_promoter_alone_moves_champion_reader_reads(servers, 
     assert f"{pipeline}: registered_model {MODEL} -> default (READ)" in out
     assert f"{promoter}: registered_model {MODEL} -> EDIT" in out
 
-    # The pipeline account, in a fresh process as a DVC stage would be: a stage run with a model, a candidate version.
+    # The pipeline account, in a fresh process as a DVC stage would be: `morer1 register` with register.promote false
+    # logs a stage run with the model and registers it as the candidates' `challenger`.
+    from test_registry import CORPUS, EVAL, chosen_json, write_dev
+
+    from configs import small_config
+    from morer1 import evaluate, registry
+    from morer1.errors import BadInputError
+    from morer1.registry import RegisterConfig
+    from morer1.tiny_model import TinyModelConfig, build_tiny_model
+
+    build_tiny_model(tmp_path / "model", CORPUS, small_config(TinyModelConfig, vocab_size=600))
+    dev_folder = write_dev(tmp_path / "dev", ["none", "/per/loc/place_of_governance"], 120)
+    chosen = chosen_json(tmp_path, tmp_path / "model", {"dev_f1": 0.61},
+                         evaluate.dev_set(dev_folder, EVAL.max_facts, EVAL.seed))
+    # the `register` section as on the team servers: the register stage does not promote
+    cfg = small_config(RegisterConfig, model_name=MODEL, candidates_model_name=CANDIDATES, promote=False,
+                       facts=str(dev_folder), max_new_tokens=6, batch_size=2)
     pipeline_env = dict(base, MLFLOW_TRACKING_USERNAME=pipeline, MLFLOW_TRACKING_PASSWORD=pipeline_pw,
                         MORER1_STATE_DIR=str(tmp_path / ".state"), MORER1_EXPERIMENT=EXPERIMENT)
     pipeline_env.pop("MORER1_PARENT_RUN_ID", None)
-    logged = json.loads(_run([sys.executable, "-c", PIPELINE_ACTOR], pipeline_env, servers,
-                             cwd=tmp_path).stdout.strip().splitlines()[-1])
+    stage = [sys.executable, "-c", PIPELINE_ACTOR, cfg.model_dump_json(), str(chosen), str(tmp_path / "out")]
+    summary = json.loads(_run(stage, pipeline_env, servers, cwd=tmp_path).stdout.strip().splitlines()[-1])
+    assert (summary["model_name"], summary["promotion"]["decision"]) == (CANDIDATES, "deferred")
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", servers.mlflow_uri)
     client = MlflowClient(tracking_uri=servers.mlflow_uri, registry_uri=servers.mlflow_uri)
     _as(monkeypatch, servers, "pipeline")
     candidate = client.get_model_version_by_alias(CANDIDATES, "challenger")
-    assert (candidate.version, candidate.run_id) == (logged["version"], logged["run_id"])
-    assert client.get_run(logged["run_id"]).data.metrics["dev_f1"] == 0.61
+    assert str(candidate.version) == summary["version"] and candidate.tags["dev_f1"] == "0.61"
+    assert client.get_run(candidate.run_id).data.metrics["dev_f1"] == 0.61
     source = f"models:/{CANDIDATES}/{candidate.version}"
     assert _status(lambda: client.create_model_version(MODEL, source)) == 403, "the pipeline put a version in the served model"
+    # `morer1 promote` (or the register stage with register.promote true) as the pipeline: refused, saying why.
+    with pytest.raises(BadInputError, match=f"MLflow account {pipeline} may not write to registered model 'morer1'"):
+        registry.promote(cfg)
 
     # A reader cannot promote either, nor log a run.
     _as(monkeypatch, servers, "reader")
@@ -209,15 +221,23 @@ def test_pipeline_registers_promoter_alone_moves_champion_reader_reads(servers, 
     assert _status(lambda: client.create_model_version(MODEL, source)) == 403
     assert _status(lambda: client.set_registered_model_alias(CANDIDATES, "challenger", candidate.version)) == 403
     assert _status(lambda: client.create_run(experiment_id)) == 403
+    with pytest.raises(BadInputError, match=f"MLflow account {reader} may not write to registered model 'morer1'"):
+        registry.promote(cfg)
+    assert client.search_model_versions(f"name = '{MODEL}'") == [] and "promotion.decision" not in (
+        client.get_model_version(CANDIDATES, candidate.version).tags)
 
-    # The promotion account promotes: the challenger's copy becomes a version of the served model, aliased champion.
+    # The promotion account promotes (`morer1 promote`, flows/promote.py): the challenger's copy becomes a version of
+    # the served model, aliased champion, and the decision is recorded on the candidate.
     _as(monkeypatch, servers, "promoter")
     assert _status(lambda: client.create_run(experiment_id)) == 403, "the promoter logs no runs"
-    champion = client.copy_model_version(source, MODEL)
-    client.set_registered_model_alias(MODEL, "champion", champion.version)
-    client.set_model_version_tag(CANDIDATES, candidate.version, "promotion.decision", "promoted")
-    assert client.get_registered_model(MODEL).aliases == {"champion": champion.version}
-    assert client.get_model_version(MODEL, champion.version).tags["dev_f1"] == "0.61"  # the copy keeps the tags
+    decision = registry.promote(cfg)
+    assert (decision["decision"], decision["reason"]) == ("promoted", "no champion yet")
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert champion.source == source and str(champion.version) == decision["served_version"]
+    assert champion.tags["dev_f1"] == "0.61"  # the copy keeps the tags
+    assert json.loads(champion.tags["promotion"])["decision"] == "promoted"
+    assert client.get_model_version(CANDIDATES, candidate.version).tags["promotion.decision"] == "promoted"
+    assert registry.promote(cfg)["decision"] == "already_champion"
     # EDIT sets and moves aliases; deleting one needs MANAGE, which no morer1 account has: champion never goes away.
     assert _status(lambda: client.delete_registered_model_alias(MODEL, "champion")) == 403
 

@@ -79,9 +79,10 @@ def test_pipeline_and_promotion_against_real_mlflow_and_prefect_servers(tmp_path
 
         prefect = [str(BIN / "prefect"), "--no-prompt"]
         _run(prefect + ["work-pool", "create", "morer1-process", "--type", "process"], project, env)
+        _run(prefect + ["work-pool", "create", "morer1-promote", "--type", "process"], project, env)
         _run(prefect + ["deploy", "--all"], project, env)
         _run(prefect + ["deployment", "run", "morer1-promote/manual"], project, env)
-        _run(prefect + ["worker", "start", "--pool", "morer1-process", "--run-once"], project, env)
+        _run(prefect + ["worker", "start", "--pool", "morer1-promote", "--run-once"], project, env)
 
         from mlflow import MlflowClient
 
@@ -91,9 +92,9 @@ def test_pipeline_and_promotion_against_real_mlflow_and_prefect_servers(tmp_path
         children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
         assert parent.info.status == "FINISHED"
         assert children == set(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
-        model = client.get_registered_model("morer1")
-        assert model.aliases == {"champion": "1", "challenger": "1"}
-        assert client.get_model_version("morer1", "1").tags["promotion.decision"] == "promoted"
+        assert client.get_registered_model("morer1").aliases == {"champion": "1"}
+        assert client.get_registered_model("morer1-candidates").aliases == {"challenger": "1"}
+        assert client.get_model_version("morer1-candidates", "1").tags["promotion.decision"] == "promoted"
 
         [pipeline_run] = [r for r in _flow_runs(api, "morer1-pipeline") if r["deployment_id"] is None]  # not nightly's
         assert pipeline_run["state_type"] == "COMPLETED" and parent.data.tags["prefect.flow_run_id"] == pipeline_run["id"]
@@ -102,7 +103,7 @@ def test_pipeline_and_promotion_against_real_mlflow_and_prefect_servers(tmp_path
 
         [promote_run] = _flow_runs(api, "morer1-promote")
         assert promote_run["state_type"] == "COMPLETED" and promote_run["deployment_id"]
-        assert "**already_champion** — version 1 is already champion" in _artifact(api, "promotion", promote_run["id"])
+        assert "**already_champion** — candidate version 1 is already champion (version 1 of 'morer1')" in _artifact(api, "promotion", promote_run["id"])
         deployments = httpx.post(f"{api}/deployments/filter", json={}, timeout=30).raise_for_status().json()
         nightly = {d["name"]: d for d in deployments}["nightly"]
         assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]

@@ -93,9 +93,33 @@ def cmd_sft(args) -> None:
     from morer1.sft import SFTConfig, run
 
     summary = run(_config(args, "sft", SFTConfig), Path(args.data), Path(args.out),
-                  Path(args.curves) if args.curves else None)
+                  Path(args.curves) if args.curves else None, Path(args.supplement) if args.supplement else None)
     if PartialState().is_main_process:
         print(f"sft: {summary['steps']} steps, loss {summary['first_logged_loss']} -> {summary['last_logged_loss']}")
+
+
+def cmd_flywheel(args) -> None:
+    from morer1.flywheel import FlywheelConfig, run
+    from morer1.rollout import RolloutConfig
+    from morer1.synthesize import SynthesizeConfig
+
+    r = run(_config(args, "flywheel", FlywheelConfig), _config(args, "rollout", RolloutConfig),
+            _config(args, "synthesize", SynthesizeConfig), Path(args.facts), Path(args.supplement), Path(args.out))
+    print(f"flywheel: {r['blind_spots']} blind spots in {r['facts']} facts, {r['sent']} sent, {r['usable']} usable "
+          f"-> {args.out}" if r["enabled"] else f"flywheel: disabled (flywheel.enabled) -> {args.out}")
+
+
+def cmd_flywheel_accept(args) -> None:
+    from morer1.flywheel import accept
+
+    s = accept(Path(args.round), Path(args.out))
+    if s["accepted"]:
+        print(f"flywheel round accepted: {s['rows_added']} rows, supplement {s['supplement_rows']} rows "
+              f"({s['rounds']} rounds) -> {args.out}")
+    elif s["stale"]:
+        print("round made against another state of the supplement (accepted already?): nothing accepted")
+    else:
+        print("no usable row in the round: nothing accepted")
 
 
 def cmd_difficulty(args) -> None:
@@ -153,17 +177,31 @@ def cmd_promote(args) -> None:
 def cmd_predict(args) -> None:
     from morer1.serve import predict_jsonl, predict_one
 
+    params = {"samples": args.samples, "abstain_below": args.abstain_below}
     if args.jsonl:
         if not args.output:
             raise BadInputError("--jsonl needs --output")
-        n = predict_jsonl(args.model, args.jsonl, args.output, allow_dirs=args.allow_dir)
+        n = predict_jsonl(args.model, args.jsonl, args.output, allow_dirs=args.allow_dir, params=params)
         print(f"{n} predictions -> {args.output}")
         return
     missing = [name for name in ("image", "title", "entity", "box") if getattr(args, name) is None]
     if missing:
         raise BadInputError(f"missing --{', --'.join(missing)} (or use --jsonl)")
-    result = predict_one(args.model, args.image, args.title, args.entity, args.box, allow_dirs=args.allow_dir)
-    print(f"label: {result['label']}\nrationale: {result['rationale']}")
+    result = predict_one(args.model, args.image, args.title, args.entity, args.box, allow_dirs=args.allow_dir,
+                         params=params)
+    print(f"label: {result['label']}\nconfidence: {result['confidence']:.2f}\nrationale: {result['rationale']}")
+
+
+def cmd_ablate(args) -> None:
+    from morer1.ablate import load_grid, rebuild_from_mlflow, run
+
+    if args.from_mlflow:
+        result = rebuild_from_mlflow(args.from_mlflow, Path(args.out))
+    else:
+        grid, cells = load_grid(args.grid, Path.cwd(), args.profile)
+        result = run(grid, cells, Path.cwd(), Path(args.out), force=args.force, read_only=args.from_dvc)
+    print(result["markdown"])
+    print(f"-> {', '.join(str(f) for f in result['files'])}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="SFT set folder (train.jsonl, optional dev.jsonl)")
     p.add_argument("--out", required=True, help="folder for the fine-tuned model and processor")
     p.add_argument("--curves", help="folder for the loss and dev-F1 curves (CSV and PNG)")
+    p.add_argument("--supplement", help="accepted flywheel supplement folder (its train.jsonl rows are added; "
+                                        "absent or empty: none)")
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("difficulty", help="pass rate of each training fact over k rollouts of rollout.model",
@@ -219,6 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--facts", required=True, help="ingested facts folder")
     p.add_argument("--out", required=True, help="folder for difficulty.jsonl and its summary")
     p.set_defaults(func=cmd_difficulty)
+
+    p = sub.add_parser("flywheel", help="the trained policy's blind spots (pass rate 0) back to the teacher: a round "
+                                        "of SFT supplement rows", sections=("flywheel", "rollout", "synthesize"))
+    p.add_argument("--facts", required=True, help="ingested facts folder")
+    p.add_argument("--supplement", required=True, help="accepted supplement folder (its last round is measured again)")
+    p.add_argument("--out", required=True, help="folder for the round (report.json, sent.jsonl, supplement/)")
+    p.set_defaults(func=cmd_flywheel)
+
+    p = sub.add_parser("flywheel-accept", help="add a flywheel round's usable rows to the supplement `sft` reads")
+    p.add_argument("--round", required=True, help="folder written by `morer1 flywheel`")
+    p.add_argument("--out", required=True, help="supplement folder (the sft stage's --supplement)")
+    p.set_defaults(func=cmd_flywheel_accept)
 
     p = sub.add_parser("curriculum", help="order the RL samples by Progressive Sample-Mixing (or uniformly)",
                        sections=("curriculum",))
@@ -263,7 +315,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-dir", action="append", metavar="DIR",
                    help="folder image files may lie in, after symlinks and .. are resolved (repeatable; default: "
                         "the folder of --image, or of --jsonl)")
+    p.add_argument("--samples", type=int, default=1, metavar="K",
+                   help="self-consistency: vote over K sampled completions per input (default 1: one greedy "
+                        "completion); at most the model's max_samples")
+    p.add_argument("--abstain-below", type=float, default=0.0, metavar="T",
+                   help="answer none when the confidence (vote share) is below T (default 0: never)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("ablate", help="the ablation grid: one DVC experiment per row and seed, one comparison table "
+                                      "(docs/ablation.md)")
+    p.add_argument("--grid", default="ablation.yaml", help="grid file (default: ablation.yaml)")
+    p.add_argument("--profile", help="profiles/<name>.yaml under every cell, instead of the grid's `profile`")
+    p.add_argument("--force", action="store_true", help="run every cell again (default: a cell whose experiment "
+                                                        "exists on this commit is read, not run)")
+    p.add_argument("--from-dvc", action="store_true", help="run nothing: the table from the cells' DVC experiments")
+    p.add_argument("--from-mlflow", metavar="GRID", help="run nothing: the table of grid GRID from its MLflow runs")
+    p.add_argument("--out", default="reports/ablation", help="folder for <grid>/table.md, table.csv, cells.csv")
+    p.set_defaults(func=cmd_ablate)
     return parser
 
 

@@ -95,16 +95,29 @@ def difficulty_summary(rows: Sequence[dict]) -> dict:
     }
 
 
+def rollout_pass_rates(rollout: RolloutConfig, facts: list[dict], facts_dir: Path, labels: Sequence[str],
+                       batch_size: int, seed: int) -> list[dict]:
+    """Difficulty rows of `facts` (`score_rollouts`): k = `rollout.num_generations` rollouts of `rollout.model` per
+    fact, drawn as GRPO draws them, in batches of `batch_size` facts from `seed`."""
+    from morer1 import generation
+    from morer1.modeling import load_model_and_processor
+    from morer1.prompt import model_prompt
+
+    model, processor = load_model_and_processor(rollout.model)
+    completions = generation.generate_completions(
+        model, processor, facts, facts_dir, labels, prompt=model_prompt(rollout.model),
+        num_return_sequences=rollout.num_generations, do_sample=True, temperature=rollout.temperature,
+        max_new_tokens=rollout.max_completion_length, batch_size=batch_size, seed=seed, **PLAIN_SAMPLING)
+    return score_rollouts(facts, completions, labels, rollout.rewards)
+
+
 def run(cfg: DifficultyConfig, rollout: RolloutConfig, facts_dir: str | Path, out_dir: str | Path) -> dict:
     """Rollouts of `rollout.model` on the facts of `facts_dir/train.jsonl` (a seeded sample of `cfg.max_samples`),
     scored by the accuracy reward; write `difficulty.jsonl` (one row per fact, in file order) and
     `difficulty_summary.json` into `out_dir`, log them to the stage's MLflow run, return the summary."""
     import mlflow
 
-    from morer1 import generation
     from morer1.labels import read_labels
-    from morer1.modeling import load_model_and_processor
-    from morer1.prompt import model_prompt
 
     facts_dir, out_dir = Path(facts_dir), Path(out_dir)
     with tracking.stage_run("difficulty", cfg):
@@ -116,12 +129,7 @@ def run(cfg: DifficultyConfig, rollout: RolloutConfig, facts_dir: str | Path, ou
         if not facts:
             raise BadInputError(f"{path}: no facts")
         labels = read_labels(facts_dir / "labels.json")
-        model, processor = load_model_and_processor(rollout.model)
-        completions = generation.generate_completions(
-            model, processor, facts, facts_dir, labels, prompt=model_prompt(rollout.model),
-            num_return_sequences=rollout.num_generations, do_sample=True, temperature=rollout.temperature,
-            max_new_tokens=rollout.max_completion_length, batch_size=cfg.batch_size, seed=cfg.seed, **PLAIN_SAMPLING)
-        rows = score_rollouts(facts, completions, labels, rollout.rewards)
+        rows = rollout_pass_rates(rollout, facts, facts_dir, labels, cfg.batch_size, cfg.seed)
         summary = difficulty_summary(rows)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_jsonl(out_dir / "difficulty.jsonl", rows)

@@ -4,6 +4,10 @@ Each candidate model folder (e.g. the SFT and the GRPO checkpoints, given on the
 the best on the dev metric is chosen. Every candidate is also scored on test, reported side by side in
 `metrics.json` (`candidates`) so that what each stage bought is visible; test never chooses anything.
 `chosen.json` holds what register needs: the chosen folder, its content hash, the label set and its metrics.
+
+The chosen model is also scored by self-consistency (`evaluate.sc_samples` sampled completions per fact, majority
+vote, `morer1.consistency`): `self_consistency.json` sets its metrics beside greedy's, with and without abstention
+at `sc_abstain_below`, and `pr_coverage.csv` holds the test precision-recall-coverage curve over thresholds.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +36,14 @@ class EvaluateConfig(StageConfig):
     max_new_tokens: int = Field(..., ge=1, description="Longest completion generated per fact.")
     batch_size: int = Field(..., ge=1, description="Facts per generate call.")
     report_max_samples: int = Field(300, ge=1, description="Samples drawn in the error-analysis page (wrong ones first).")
-    seed: int = Field(0, description="Seed of the fact sample and of the random baseline.")
+    seed: int = Field(0, description="Seed of the fact sample, of the random baseline and of the sampling.")
+    sc_samples: int = Field(
+        5, ge=0, description="Self-consistency of the chosen model: completions sampled per fact and voted on "
+                             "(0: off). One generate call per batch draws them (num_return_sequences).")
+    sc_temperature: float = Field(0.7, gt=0, description="Sampling temperature of the self-consistency samples.")
+    sc_abstain_below: float = Field(
+        0.6, ge=0, description="Abstention threshold whose self-consistency metrics are reported beside greedy: "
+                               "answer none below this vote share (the curve covers every threshold).")
 
 
 def sample_facts(facts: list[dict], max_facts: int | None, seed: int) -> list[dict]:
@@ -57,6 +69,57 @@ def predict_facts(model_dir: str | Path, facts: list[dict], facts_dir: Path, lab
                                        batch_size=cfg.batch_size, prompt=model_prompt(model_dir))
     return [{**f, "completion": c[0], "predicted": parse_completion(c[0], labels).label}
             for f, c in zip(facts, completions, strict=True)]
+
+
+def vote_facts(model_dir: str | Path, facts: list[dict], facts_dir: Path, labels, cfg: EvaluateConfig) -> list[dict]:
+    """Self-consistency for `facts`: `cfg.sc_samples` completions per fact sampled at `cfg.sc_temperature`, the K of a
+    fact from one generate call (`num_return_sequences`; `cfg.batch_size` facts per call, so batch_size x K sequences
+    per forward pass), voted without abstention: each fact plus `predicted` (the voted label or None), `confidence`,
+    `votes` and `completion` (the winner's)."""
+    from morer1.consistency import vote
+    from morer1.generation import generate_completions
+    from morer1.modeling import load_model_and_processor
+    from morer1.prompt import model_prompt
+
+    k = cfg.sc_samples
+    model, processor = load_model_and_processor(model_dir)
+    model.eval()
+    completions = generate_completions(
+        model, processor, facts, facts_dir, labels, max_new_tokens=cfg.max_new_tokens, prompt=model_prompt(model_dir),
+        batch_size=cfg.batch_size, num_return_sequences=k, do_sample=True, temperature=cfg.sc_temperature,
+        seed=cfg.seed)
+    votes = [vote(c, labels) for c in completions]
+    return [{**f, "predicted": v.voted, "confidence": v.confidence, "votes": v.votes, "completion": v.completion}
+            for f, v in zip(facts, votes, strict=True)]
+
+
+def curve_thresholds(k: int) -> list[float]:
+    """Abstention thresholds of the curve: every vote share j/k a fact can have, and steps of 0.05, in [0, 1]."""
+    return sorted({j / k for j in range(k + 1)} | {i / 20 for i in range(21)})
+
+
+def self_consistency(greedy: dict[str, list[dict]], voted: dict[str, list[dict]], labels, cfg: EvaluateConfig,
+                     seconds: float) -> dict:
+    """Greedy against self-consistency, per split: micro metrics of the greedy rows, of the votes, and of the votes
+    with abstention at `cfg.sc_abstain_below` (with its coverage), and the precision-recall-coverage `curve`."""
+    from morer1.consistency import abstain
+    from morer1.metrics import compute_metrics, coverage_curve
+
+    keys = ("accuracy", "precision", "recall", "f1", "macro_f1", "invalid_rate", "n")
+    out: dict = {"samples": cfg.sc_samples, "temperature": cfg.sc_temperature,
+                 "abstain_below": cfg.sc_abstain_below, "seconds": round(seconds, 1)}
+    for split, rows in voted.items():
+        golds = [r["relation"] for r in rows]
+        kept = [abstain(r["predicted"], r["confidence"], cfg.sc_abstain_below) for r in rows]
+        results = {"greedy": compute_metrics(golds, [r["predicted"] for r in greedy[split]], labels),
+                   "self_consistency": compute_metrics(golds, [r["predicted"] for r in rows], labels),
+                   "abstain": compute_metrics(golds, kept, labels)}
+        out[split] = {name: {k: m[k] for k in keys} for name, m in results.items()}
+        covered = sum(r["confidence"] >= cfg.sc_abstain_below for r in rows)
+        out[split]["abstain"]["coverage"] = covered / len(rows) if rows else 0.0
+        out[split]["curve"] = coverage_curve(golds, [r["predicted"] for r in rows], [r["confidence"] for r in rows],
+                                             labels, curve_thresholds(cfg.sc_samples))
+    return out
 
 
 def score(rows: list[dict], labels, train_golds: list[str], seed: int) -> dict:
@@ -130,7 +193,7 @@ def run(cfg: EvaluateConfig, facts_dir: str | Path, models: list[str], out_dir: 
     `chosen.json` into `out_dir`; return the summary (the chosen model, its flat dev/test metrics, `candidates`)."""
     from morer1 import tracking
     from morer1.labels import read_labels
-    from morer1.metrics import SUMMARY_KEYS, flat_metrics, write_metrics_files
+    from morer1.metrics import SUMMARY_KEYS, flat_metrics, write_curve_csv, write_metrics_files
     from morer1.report import write_report
 
     models = list(dict.fromkeys(str(m) for m in models))
@@ -154,6 +217,13 @@ def run(cfg: EvaluateConfig, facts_dir: str | Path, models: list[str], out_dir: 
             rows["test"][model] = predict_facts(model, splits["test"], facts_dir, labels, cfg)
             results[model]["test"] = score(rows["test"][model], labels, train_golds, cfg.seed)
 
+        sc = None
+        if cfg.sc_samples:
+            started = time.perf_counter()
+            voted = {split: vote_facts(chosen, splits[split], facts_dir, labels, cfg) for split in ("dev", "test")}
+            sc = self_consistency({split: rows[split][chosen] for split in voted}, voted, labels, cfg,
+                                  time.perf_counter() - started)
+
         candidates = {names[m]: {f"{split}_{k}": results[m][split][k] for split in ("dev", "test")
                                  for k in CANDIDATE_KEYS} for m in models}
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -164,7 +234,7 @@ def run(cfg: EvaluateConfig, facts_dir: str | Path, models: list[str], out_dir: 
         staging = out_dir / "report.partial"  # git-ignored, like every staging folder
         shutil.rmtree(staging, ignore_errors=True)
         write_report(rows["dev"][chosen], facts_dir, staging, title=f"morer1 error analysis: {chosen} on dev",
-                     metrics=results[chosen]["dev"], max_samples=cfg.report_max_samples)
+                     metrics=results[chosen]["dev"], max_samples=cfg.report_max_samples, self_consistency=sc)
         swap_in(staging, out_dir / "report")
         write_text_atomic(out_dir / "chosen.json", json.dumps({
             "model_dir": chosen, "model_sha256": folder_sha256(chosen), "selection_metric": cfg.selection_metric,
@@ -172,16 +242,26 @@ def run(cfg: EvaluateConfig, facts_dir: str | Path, models: list[str], out_dir: 
             "metrics": {f"{split}_{k}": results[chosen][split][k] for split in ("dev", "test") for k in SUMMARY_KEYS},
         }, indent=1) + "\n")
 
+        # Written also when disabled (samples 0, a curve without rows): they are outputs of the DVC stage.
+        write_text_atomic(out_dir / "self_consistency.json", json.dumps(sc or {"samples": 0}, indent=1) + "\n")
+        write_curve_csv(sc["test"]["curve"] if sc else [], out_dir / "pr_coverage.csv")
+
         summary = {"chosen": chosen, "selection_metric": cfg.selection_metric,
                    **{f"{split}_{k}": v for split in ("dev", "test")
                       for k, v in flat_metrics(results[chosen][split]).items()},
                    "candidates": candidates}
+        if sc is not None:  # MLflow metrics sc.seconds, sc.<split>.<f1|...>, sc.<split>.abstain_<f1|...|coverage>
+            summary["sc"] = {"seconds": sc["seconds"], **{split: {
+                **{k: sc[split]["self_consistency"][k] for k in ("f1", "precision", "recall", "accuracy")},
+                **{f"abstain_{k}": sc[split]["abstain"][k] for k in ("f1", "precision", "recall", "coverage")},
+            } for split in ("dev", "test")}}
         import mlflow
 
         mlflow.set_tag("morer1.chosen_model", chosen)
         tracking.log_summary(summary)
         for name in ("metrics.json", "chosen.json", "dev_per_relation.csv", "test_per_relation.csv",
-                     "dev_confusion.csv", "test_confusion.csv", "predictions_dev.jsonl", "predictions_test.jsonl"):
+                     "dev_confusion.csv", "test_confusion.csv", "predictions_dev.jsonl", "predictions_test.jsonl",
+                     "self_consistency.json", "pr_coverage.csv"):
             mlflow.log_artifact(str(out_dir / name))
         mlflow.log_artifacts(str(out_dir / "report"), artifact_path="report")
     return summary

@@ -28,6 +28,8 @@ Definitions, fixed here once for every stage that reports a number:
   macro F1, but never macro precision: read macro P beside `invalid_rate`. (MORE itself reports only
   accuracy and micro P/R/F1; the macro figures are ours.)
 - Every ratio with a zero denominator is 0 (never a division error, never NaN).
+- `coverage_curve` (self-consistency, `morer1.consistency`): per abstention threshold T, answers whose vote share
+  is below T become `none` and the micro figures above are computed; `coverage` = share of facts not abstained.
 - `by_case`: the MORE slices by the number of distinct entities (1 or N) and objects (1 or N) of the
   fact's image-title pair; only slices that hold at least one fact are reported. Each slice has the
   micro figures above (invalid answers in its precision denominator) and its own `invalid_rate`.
@@ -48,6 +50,7 @@ from morer1.labels import NONE
 
 INVALID = "invalid"  # confusion column (and CSV value) of an invalid answer
 CASES = ("1ent_1obj", "1ent_Nobj", "Nent_1obj", "Nent_Nobj")
+CURVE_KEYS = ("threshold", "coverage", "precision", "recall", "f1", "accuracy", "invalid_rate", "n")
 SUMMARY_KEYS = ("accuracy", "precision", "recall", "f1", "macro_precision", "macro_recall", "macro_f1",
                 "invalid_rate", "n")
 
@@ -178,6 +181,38 @@ def baselines(train_golds, eval_golds, labels, seed: int = 0) -> dict:
     rand = compute_metrics(eval_golds, drawn, labels)
     rand["distribution"] = dict(zip(order, probs))
     return {"majority": majority, "random": rand}
+
+
+def coverage_curve(golds: Sequence[str], voted: Sequence[str | None], confidences: Sequence[float], labels,
+                   thresholds: Sequence[float]) -> list[dict]:
+    """The precision-recall-coverage curve of self-consistent answers over abstention thresholds.
+
+    For each threshold T (ascending), an answer whose confidence is below T becomes `none`
+    (`morer1.consistency.abstain`) and the micro figures of compute_metrics are computed on the result (MORE
+    rule: invalid answers that stay are wrong positives). `coverage` = share of facts whose answer was not
+    abstained (confidence >= T). One row per threshold, with CURVE_KEYS.
+    """
+    from morer1.consistency import abstain
+
+    golds, voted, confidences = list(golds), list(voted), [float(c) for c in confidences]
+    if not len(golds) == len(voted) == len(confidences):
+        raise ValueError(f"{len(golds)} golds, {len(voted)} answers and {len(confidences)} confidences")
+    if NONE not in set(labels):
+        raise ValueError(f"abstention answers {NONE!r}, which the label set lacks")
+    rows = []
+    for t in sorted(set(float(t) for t in thresholds)):
+        preds = [abstain(v, c, t) for v, c in zip(voted, confidences)]
+        m = compute_metrics(golds, preds, labels)
+        rows.append({"threshold": t, "coverage": _div(sum(c >= t for c in confidences), len(golds)),
+                     **{k: m[k] for k in CURVE_KEYS[2:]}})
+    return rows
+
+
+def write_curve_csv(rows: list[dict], path) -> Path:
+    """Write coverage_curve rows as a CSV file with a CURVE_KEYS header (also when there are none), atomically."""
+    path = Path(path)
+    write_text_atomic(path, _csv([list(CURVE_KEYS), *([row[k] for k in CURVE_KEYS] for row in rows)]))
+    return path
 
 
 # --- DVC files ------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import chdir
+from contextlib import chdir, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +39,7 @@ import yaml
 from morer1.errors import EXIT_BAD_INPUT, EXIT_FILE_ENV, EXIT_GATE_FAILED, BadInputError
 
 TAIL_LINES = 40
+PIPELINE_LOCK = ".dvc/tmp/morer1-pipeline.lock"  # in DVC's git-ignored tmp folder
 
 
 @dataclass
@@ -61,6 +62,54 @@ class StageFailed(Exception):
     def transient(self) -> bool:
         """Worth retrying: not a data gate, not bad input."""
         return self.exit_code not in (EXIT_BAD_INPUT, EXIT_GATE_FAILED)
+
+
+class PipelineLocked(Exception):
+    """Another pipeline run, or another DVC process, holds the project's lock: stop at once, never retry."""
+
+
+_held_locks: dict[Path, int] = {}  # lock file -> how many times this process holds it
+
+
+@contextmanager
+def pipeline_lock(project_dir: str | Path):
+    """Hold the project's pipeline lock (`PIPELINE_LOCK`, an flock the kernel drops when the process dies) for a
+    whole pipeline run: DVC's repo lock is held only while one stage runs, so two runs would interleave their
+    stages. Re-entrant within a process; PipelineLocked, one line naming the holder's pid, when another holds it."""
+    import fcntl
+
+    path = (Path(project_dir) / PIPELINE_LOCK).resolve()
+    if path in _held_locks:
+        _held_locks[path] += 1
+        try:
+            yield
+        finally:
+            _held_locks[path] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise PipelineLocked(f"another pipeline run (pid {holder}) holds the lock {path} of "
+                             f"{Path(project_dir).resolve()}; wait for it to finish") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held_locks[path] = 1
+    try:
+        yield
+    finally:
+        del _held_locks[path]
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def dvc_lock_message(project_dir: str | Path, exc: BaseException) -> str:
+    """One line for DVC's LockError (its repo lock, or an output's read/write lock held by another DVC process)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"another DVC process holds a lock of {Path(project_dir).resolve()}: {first}"
 
 
 def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -101,18 +150,52 @@ def _graph_order(repo) -> tuple[list, dict]:
     return order, upstream
 
 
+@contextmanager
+def _hash_each_path_once():
+    """Within one `Repo.status`, hash each path once. DVC hashes a folder again for every stage that reads or
+    writes it (the ingested facts, 17k files in the demo: seven walks of the folder and lookups in DVC's state
+    database); nothing changes during a status, so the first answer holds for all. The hash is DVC's own
+    (`Output._get_hash_meta`, DVC pinned); were it renamed, status runs unmemoized."""
+    from dvc.output import Output
+
+    original = getattr(Output, "_get_hash_meta", None)
+    if original is None:
+        yield
+        return
+    memo: dict = {}
+
+    def hash_meta(self):
+        key = (self.fs_path, self.hash_name)
+        if key not in memo:
+            memo[key] = original(self)
+        return memo[key]
+
+    Output._get_hash_meta = hash_meta
+    try:
+        yield
+    finally:
+        Output._get_hash_meta = original
+
+
 def plan_pipeline(project_dir: str | Path, stages: list[str] | None = None) -> Plan:
     """Order `stages` (default: all) by DVC's graph and ask DVC once which of them changed (`Repo.status`)."""
+    from dvc.lock import LockError
     from dvc.repo import Repo
 
-    with chdir(project_dir), Repo() as repo:  # DVC names stages relative to the working directory
+    with chdir(project_dir), Repo() as repo, _hash_each_path_once():  # DVC names stages relative to the cwd
         order, upstream = _graph_order(repo)
         names = [s.addressing for s in order]
         unknown = sorted(set(stages or []) - set(names))
         if unknown:
             raise BadInputError(f"no such stage: {', '.join(unknown)}; stages: {', '.join(names)}")
         chosen = [n for n in names if not stages or n in stages]
-        changed = set(repo.status(targets=chosen)) if chosen else set()
+        # One status for the whole pipeline when it is all chosen: with targets, DVC parses dvc.yaml and dvc.lock
+        # again for each target (a third of a no-op run's time).
+        try:
+            status = repo.status(targets=None if chosen == names else chosen) if chosen else {}
+        except LockError as exc:
+            raise PipelineLocked(dvc_lock_message(project_dir, exc)) from None
+        changed = set(status) & set(chosen)
     return Plan(chosen, changed, {n: upstream[n] for n in chosen})
 
 
@@ -137,6 +220,7 @@ def command_exit_code(exc: BaseException) -> int | None:
 
 def _helper(project_dir: Path, action: list[str]) -> dict:
     """In the helper process: run DVC in-process; what happened, as a JSON-able dict."""
+    from dvc.lock import LockError
     from dvc.repo import Repo  # importing dvc sets up its console logging, as `dvc repro` prints it
 
     try:
@@ -155,12 +239,14 @@ def _helper(project_dir: Path, action: list[str]) -> dict:
             exc = exc.__cause__ or exc.__context__
         error = ": ".join(str(e) or type(e).__name__ for e in chain)
         print(f"ERROR: {error}", file=sys.stderr)  # as `dvc repro` reports it
+        if isinstance(chain[0], LockError):
+            return {"status": "locked", "error": dvc_lock_message(project_dir, chain[0])}
         return {"status": "failed", "exit_code": command_exit_code(chain[0]), "error": error}
 
 
 def _run_helper(project_dir: str | Path, label: str, args: list[str], env: dict[str, str] | None) -> dict:
     """Run the helper (`python -m morer1.orchestrate ...`) with the stage output captured; its result, or
-    StageFailed with the output's tail."""
+    StageFailed with the output's tail, or PipelineLocked when another DVC process holds DVC's lock."""
     with tempfile.TemporaryDirectory(prefix="morer1-stage-") as tmp:
         result_file, exit_file = Path(tmp) / "result.json", Path(tmp) / "exit.json"
         proc = subprocess.run([sys.executable, "-m", "morer1.orchestrate", "--result", str(result_file), *args],
@@ -170,6 +256,8 @@ def _run_helper(project_dir: str | Path, label: str, args: list[str], env: dict[
             "status": "failed", "exit_code": None, "error": f"helper exited with {proc.returncode}"}
         if exit_file.is_file():  # the morer1 command said why it stopped
             result["exit_code"] = json.loads(exit_file.read_text())["exit_code"]
+    if result["status"] == "locked":
+        raise PipelineLocked(result["error"])
     if result["status"] == "failed":
         log = (proc.stdout + proc.stderr).strip() or result.get("error", "")
         raise StageFailed(label, result.get("exit_code"), "\n".join(log.splitlines()[-TAIL_LINES:]))
@@ -319,7 +407,8 @@ def _cell(value) -> str:
 
 def promotion_markdown(decision: dict) -> str:
     """A promotion decision of `morer1.registry.promote` as a markdown paragraph."""
-    return (f"Promotion of `{decision['model_name']}` version {decision['challenger_version']}: "
+    source = decision.get("candidates_model_name", decision["model_name"])  # decisions made before candidates existed
+    return (f"Promotion of `{source}` version {decision['challenger_version']} into `{decision['model_name']}`: "
             f"**{decision['decision']}** — {decision['reason']} (champion before: "
             f"{_cell(decision['champion_version'])}, {decision['metric']} {_cell(decision['challenger_value'])} "
             f"vs {_cell(decision['champion_value'])}, margin {decision['margin']}).\n")

@@ -26,6 +26,7 @@ SECTIONS = {
     "grpo": "morer1.grpo:GRPOConfig",
     "evaluate": "morer1.evaluate:EvaluateConfig",
     "register": "morer1.registry:RegisterConfig",
+    "flywheel": "morer1.flywheel:FlywheelConfig",
 }
 
 

@@ -1,36 +1,48 @@
-"""Register stage: the model evaluate chose, registered in MLflow as `challenger`, then promoted to `champion`
-when it beats the champion on dev.
+"""Register stage: the model evaluate chose, registered in MLflow as `challenger` of the candidates model, then
+promoted to `champion` of the served model when it beats the champion on dev.
+
+Two registered models: the pipeline registers every chosen model into `candidates_model_name` (alias `challenger`);
+promotion copies the winning candidate version into `model_name` and moves `champion` there. On servers with
+MLflow's basic-auth app, registering a version and moving an alias both need EDIT on the registered model, so only
+two models let the pipeline's account register without being able to move `champion` (infra/servers/README.md).
 
 Register reads only `chosen.json` written by evaluate: the model folder and its content hash, the label set it
 was scored with, and the metrics the version is tagged with. Each registered version carries tags `git_commit`,
 `dvc_lock_sha256`, `data_version`, `model_dir`, `model_sha256`, one tag per metric (e.g. `dev_f1`), and the identity
 of the evaluation its dev metrics came from: `dev_set` (the fingerprint of the dev facts scored, see `dev_set`) and
-`dev_eval` (the evaluate settings that scored them, as JSON).
+`dev_eval` (the evaluate settings that scored them, as JSON), and `serve_config` (the logged pyfunc's
+`model_config`, as JSON).
+
+Registration and promotion survive being killed at any point and rerun: a candidate version with the same
+`model_sha256`, `data_version`, `dev_set`, `dev_eval` and `serve_config` is reused (its tags set again), and so is a
+copy of the challenger already in the served model; `champion` is moved in one registry call, never deleted.
 
 `promote` compares like with like: the champion's metric tag only when the champion was scored on the same dev set
 with the same settings as the challenger; otherwise it scores the champion's registered model on the challenger's
-dev facts (evaluate's own `predict_facts` and `score`) or, when it cannot, refuses. It moves the `champion` alias,
-never deletes it. The served model itself is `morer1.serve`.
+dev facts (evaluate's own `predict_facts` and `score`) or, when it cannot, refuses. The served model itself is
+`morer1.serve`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlflow
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from morer1.errors import BadInputError
 from morer1.files import write_text_atomic
 # MorePredictor is also looked up here by versions registered before it moved to morer1.serve (their pickle names
 # morer1.registry.MorePredictor).
-from morer1.serve import OUTPUT_EXAMPLE, MorePredictor, ServeConfig, input_example, serve_model_config
+from morer1.serve import OUTPUT_EXAMPLE, PARAMS_EXAMPLE, MorePredictor, ServeConfig, input_example, serve_model_config
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -42,6 +54,9 @@ CHAMPION = "champion"
 DATA_PATH = "data/ingested"  # the DVC output whose hash is a version's `data_version`
 DEV_SET_TAG = "dev_set"  # fingerprint of the dev facts a version's dev metrics were computed on (`dev_set`)
 DEV_EVAL_TAG = "dev_eval"  # JSON of the evaluate settings that computed them
+SERVE_TAG = "serve_config"  # JSON of the logged pyfunc's model_config (the served model's generation and limits)
+IDENTITY_TAGS = ("model_sha256", "data_version", DEV_SET_TAG, DEV_EVAL_TAG, SERVE_TAG)  # one registration
+PROMOTION_TAG = "promotion"  # on a copy in the served model: the decision that made it champion, as JSON
 SAME_DATA = "tag, same data"  # `champion_scored` when the champion's own tag is compared
 # What the logged model needs besides morer1 itself; given explicitly, so MLflow never loads the model to infer it.
 REQUIREMENTS = ("mlflow", "torch", "torchvision", "transformers", "tokenizers", "pillow", "pandas", "pydantic",
@@ -51,7 +66,18 @@ REQUIREMENTS = ("mlflow", "torch", "torchvision", "transformers", "tokenizers", 
 class RegisterConfig(ServeConfig):
     """Parameters of the register and promote steps, and of the served model's generation."""
 
-    model_name: str = Field("morer1", min_length=1, description="Registered model name in the MLflow registry.")
+    model_name: str = Field(
+        "morer1", min_length=1,
+        description="Served registered model: promotion copies the winning candidate into it and moves its `champion` "
+                    "alias.")
+    candidates_model_name: str = Field(
+        "morer1-candidates", min_length=1,
+        description="Registered model the register stage registers every chosen model into, with alias `challenger` "
+                    "(the pipeline's account needs EDIT on it only, not on `model_name`).")
+    promote: bool = Field(
+        True, description="Run the promotion gate in the register stage. false where the pipeline's MLflow account may "
+                          "not write to `model_name` (team servers with auth): the promotion flow, run with the "
+                          "promoter's account, decides.")
     metric: str = Field(
         "dev_f1", min_length=1, description="Dev metric (a version tag) on which challenger and champion are compared.")
     margin: float = Field(
@@ -61,6 +87,13 @@ class RegisterConfig(ServeConfig):
         description="Ingested facts folder evaluate scored (whose dev split evaluate fingerprinted as the version's dev "
                     "set in chosen.json): promotion re-scores the champion on it when the champion was scored on other "
                     "dev data, and refuses when it does not hold the challenger's dev set.")
+
+    @model_validator(mode="after")
+    def _two_models(self) -> RegisterConfig:
+        if self.candidates_model_name == self.model_name:
+            raise ValueError(f"candidates_model_name must differ from model_name ({self.model_name!r}): whoever may "
+                             "register versions of a model may also move its aliases")
+        return self
 
 
 def log_predictor(model_dir: str | Path, labels_path: str | Path, cfg: RegisterConfig) -> str:
@@ -73,7 +106,7 @@ def log_predictor(model_dir: str | Path, labels_path: str | Path, cfg: RegisterC
         python_model=MorePredictor(),
         artifacts={"model": str(model_dir), "labels": str(labels_path)},
         model_config=serve_model_config(cfg),
-        signature=infer_signature(example, OUTPUT_EXAMPLE),
+        signature=infer_signature(example, OUTPUT_EXAMPLE, params=PARAMS_EXAMPLE),  # declares samples, abstain_below
         input_example=example,
         pip_requirements=[f"{name}=={version(name)}" for name in REQUIREMENTS],
     )
@@ -101,27 +134,51 @@ def dev_tags(chosen: dict) -> dict[str, str]:
     return {DEV_SET_TAG: chosen["dev_set"], DEV_EVAL_TAG: json.dumps(chosen["dev_eval"], sort_keys=True)}
 
 
-def register_version(model_uri: str, cfg: RegisterConfig, metrics: dict, tags: dict) -> ModelVersion:
-    """Register `model_uri` under `cfg.model_name` with version, data and metric tags; alias it `challenger`."""
-    from mlflow import MlflowClient
-
+def version_tags(metrics: dict, tags: dict) -> dict[str, str]:
+    """The tags of a candidate version: code and data versions, one per metric, and `tags`."""
     from morer1 import tracking
 
-    version_tags = {**tracking.version_tags(), "data_version": data_version(),
-                    **{name: repr(float(value)) for name, value in metrics.items()},
-                    **{k: str(v) for k, v in tags.items()}}
-    registered = mlflow.register_model(model_uri, cfg.model_name, tags=version_tags)
+    return {**tracking.version_tags(), "data_version": data_version(),
+            **{name: repr(float(value)) for name, value in metrics.items()}, **{k: str(v) for k, v in tags.items()}}
+
+
+def identity(tags: dict[str, str]) -> tuple[str, ...] | None:
+    """What makes two registrations one: the model's content hash, its data version, the evaluation its metrics
+    came from and the served model's settings (`IDENTITY_TAGS`); None when a tag is missing (never reused)."""
+    return tuple(tags[key] for key in IDENTITY_TAGS) if all(key in tags for key in IDENTITY_TAGS) else None
+
+
+def registered_as(client, name: str, tags: dict[str, str]) -> ModelVersion | None:
+    """The oldest version of `name` with the identity of `tags`, or None."""
+    key = identity(tags)
+    if key is None:
+        return None
+    found = [v for v in client.search_model_versions(f"name = '{name}' and tags.model_sha256 = '{key[0]}'")
+             if identity(v.tags) == key]
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def register_version(model_uri: str, cfg: RegisterConfig, metrics: dict, tags: dict) -> ModelVersion:
+    """Register `model_uri` under `cfg.candidates_model_name` with version, data and metric tags; alias it
+    `challenger`."""
+    from mlflow import MlflowClient
+
+    registered = mlflow.register_model(model_uri, cfg.candidates_model_name, tags=version_tags(metrics, tags))
     client = MlflowClient()
-    client.set_registered_model_alias(cfg.model_name, CHALLENGER, registered.version)
-    return client.get_model_version(cfg.model_name, registered.version)
+    client.set_registered_model_alias(cfg.candidates_model_name, CHALLENGER, registered.version)
+    return client.get_model_version(cfg.candidates_model_name, registered.version)
 
 
 def register_model(model_dir: str | Path, labels_path: str | Path, cfg: RegisterConfig, metrics: dict,
                    tags: dict) -> ModelVersion:
-    """Log the model as a pyfunc in the active run, register it, alias it `challenger`.
+    """Log the model as a pyfunc in the active run, register it as a candidate, alias it `challenger`.
 
-    `metrics` must hold `cfg.metric`; every metric becomes a run metric and a version tag.
+    `metrics` must hold `cfg.metric`; every metric becomes a run metric and a version tag. A candidate version with
+    the same `identity` (a rerun after a kill, or of the same model on the same data) is reused: its tags are set to
+    this registration's and it becomes `challenger`; nothing is logged or registered again.
     """
+    from mlflow import MlflowClient
+
     if cfg.metric not in metrics:
         raise BadInputError(f"metrics {sorted(metrics)} lack {cfg.metric!r}, the metric promotion compares")
     bad = {k: v for k, v in metrics.items() if not isinstance(v, (int, float)) or not math.isfinite(v)}
@@ -131,7 +188,18 @@ def register_model(model_dir: str | Path, labels_path: str | Path, cfg: Register
         if not path.is_file():
             raise BadInputError(f"{path}: missing")
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-    return register_version(log_predictor(model_dir, labels_path, cfg), cfg, metrics, tags)
+    client = MlflowClient()
+    wanted = version_tags(metrics, {**tags, SERVE_TAG: json.dumps(serve_model_config(cfg), sort_keys=True)})
+    existing = registered_as(client, cfg.candidates_model_name, wanted)
+    if existing is None:
+        return register_version(log_predictor(model_dir, labels_path, cfg), cfg, metrics,
+                                {**tags, SERVE_TAG: wanted[SERVE_TAG]})
+    for key, value in wanted.items():
+        if existing.tags.get(key) != value:
+            client.set_model_version_tag(cfg.candidates_model_name, existing.version, key, value)
+    client.set_registered_model_alias(cfg.candidates_model_name, CHALLENGER, existing.version)
+    mlflow.set_tag("morer1.reused_version", str(existing.version))
+    return client.get_model_version(cfg.candidates_model_name, existing.version)
 
 
 def version_by_alias(client, name: str, alias: str) -> ModelVersion | None:
@@ -226,31 +294,43 @@ def rescore(cfg: RegisterConfig, champion: ModelVersion, challenger: ModelVersio
     return float(score(rows, dev.labels, [r["relation"] for r in rows], settings.seed)[key]), dev
 
 
-def promote(cfg: RegisterConfig) -> dict:
-    """Move `champion` to the `challenger` version if there is no champion or it wins by more than `cfg.margin`.
+def candidate_uri(cfg: RegisterConfig, version: str) -> str:
+    """The registry URI of version `version` of the candidates model (the source of its copy in the served model)."""
+    return f"models:/{cfg.candidates_model_name}/{version}"
 
-    A promotion rests on one evaluation: the champion's own metric tag is compared only when champion and challenger
-    were scored on the same dev set with the same evaluate settings (`champion_scored`: "tag, same data"). Otherwise
-    the champion's registered model is scored on the challenger's dev facts first (`rescore`; "re-scored on ..."),
-    and when that is impossible (e.g. `cfg.facts` missing where promote runs, or not the challenger's dev set) the
-    decision is "refused" with the reason and the champion stays. The decision, with both scores, both data
-    versions and dev sets, is recorded as `promotion.*` tags on the challenger version (a re-score also as
-    `rescored.<dev set>.<metric>` on the champion's) and returned. The alias is moved in one registry call before
-    the tags are written, so the model never lacks its champion.
-    """
-    from mlflow import MlflowClient
 
-    from morer1 import tracking
+def copy_of(client, cfg: RegisterConfig, candidate: ModelVersion) -> ModelVersion | None:
+    """The oldest version of the served model copied from `candidate`, or None."""
+    uri = candidate_uri(cfg, candidate.version)
+    found = [v for v in client.search_model_versions(f"name = '{cfg.model_name}' and source_path = '{uri}'")
+             if v.source == uri]
+    return min(found, key=lambda v: int(v.version)) if found else None
 
-    tracking.setup()
-    client = MlflowClient()
-    challenger = version_by_alias(client, cfg.model_name, CHALLENGER)
-    if challenger is None:
-        raise BadInputError(f"model {cfg.model_name!r} has no '{CHALLENGER}' version; register one first")
-    champion = version_by_alias(client, cfg.model_name, CHAMPION)
-    decision = {
-        "model_name": cfg.model_name, "metric": cfg.metric, "margin": cfg.margin,
-        "challenger_version": str(challenger.version), "champion_version": str(champion.version) if champion else None,
+
+@contextmanager
+def writing(name: str):
+    """Writes to registered model `name`: an account without EDIT on it gets a BadInputError saying whose it is."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        denied = exc if exc.error_code == "PERMISSION_DENIED" else exc.__cause__  # copy_model_version wraps it
+        if not (isinstance(denied, MlflowException) and denied.error_code == "PERMISSION_DENIED"):
+            raise
+        account = os.environ.get("MLFLOW_TRACKING_USERNAME") or "(no MLFLOW_TRACKING_USERNAME)"
+        raise BadInputError(
+            f"MLflow account {account} may not write to registered model {name!r} ({denied.message}): promotion needs "
+            "the promoter's account (infra/servers/README.md); where the pipeline's account runs the register stage, "
+            "set register.promote: false and promote with flows/promote.py") from None
+
+
+def decision_base(cfg: RegisterConfig, challenger: ModelVersion, champion: ModelVersion | None) -> dict:
+    """The fields of a promotion decision known before deciding."""
+    return {
+        "model_name": cfg.model_name, "candidates_model_name": cfg.candidates_model_name, "metric": cfg.metric,
+        "margin": cfg.margin, "challenger_version": str(challenger.version),
+        "champion_version": str(champion.version) if champion else None,
         "challenger_value": tag_metric(challenger, cfg.metric),
         "champion_value": None,  # the number compared: the champion's tag on the same data, else its re-score
         "champion_scored": None,  # how champion_value was obtained
@@ -259,11 +339,59 @@ def promote(cfg: RegisterConfig) -> dict:
         "champion_data_version": champion.tags.get("data_version") if champion else None,
         "challenger_dev_set": challenger.tags.get(DEV_SET_TAG),
         "champion_dev_set": champion.tags.get(DEV_SET_TAG) if champion else None,
+        "served_version": str(champion.version) if champion else None,  # the version carrying `champion` after
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    if decision["champion_version"] == decision["challenger_version"]:
+
+
+def tag_decision(client, cfg: RegisterConfig, challenger: ModelVersion, decision: dict) -> None:
+    """Record `decision` as `promotion.*` tags on the challenger's candidate version."""
+    for key in ("decision", "reason", "metric", "margin", "challenger_value", "champion_value", "champion_scored",
+                "champion_tag_value", "champion_version", "served_version", "challenger_data_version",
+                "champion_data_version", "challenger_dev_set", "champion_dev_set", "timestamp"):
+        client.set_model_version_tag(cfg.candidates_model_name, challenger.version, f"promotion.{key}",
+                                     str(decision[key]))
+
+
+def promote(cfg: RegisterConfig) -> dict:
+    """Make the `challenger` candidate `champion` of the served model if there is no champion or it wins by more
+    than `cfg.margin`.
+
+    A promotion rests on one evaluation: the champion's own metric tag is compared only when champion and challenger
+    were scored on the same dev set with the same evaluate settings (`champion_scored`: "tag, same data"). Otherwise
+    the champion's registered model is scored on the challenger's dev facts first (`rescore`; "re-scored on ..."),
+    and when that is impossible (e.g. `cfg.facts` missing where promote runs, or not the challenger's dev set) the
+    decision is "refused" with the reason and the champion stays. The decision, with both scores, both data
+    versions and dev sets, is recorded as `promotion.*` tags on the challenger's candidate version (a re-score also
+    as `rescored.<dev set>.<metric>` on the champion's version) and returned.
+
+    Every write to the served model comes before the move: the re-score tag, the copy of the candidate version
+    (`copy_model_version`, keeping its tags, run and logged model; a copy made by an interrupted promotion is
+    reused) and the decision as JSON tag `promotion` on the copy; then `champion` moves in one registry call, then
+    the candidate's tags are written. Killed at any point,
+    the served model keeps a champion (the old one until the move), and a rerun finishes the same promotion: when
+    the copy already holds `champion` but the candidate lacks its tags, they are written from the copy's record.
+    """
+    from mlflow import MlflowClient
+
+    from morer1 import tracking
+
+    tracking.setup()
+    client = MlflowClient()
+    challenger = version_by_alias(client, cfg.candidates_model_name, CHALLENGER)
+    if challenger is None:
+        raise BadInputError(f"model {cfg.candidates_model_name!r} has no '{CHALLENGER}' version; register one first")
+    champion = version_by_alias(client, cfg.model_name, CHAMPION)
+    decision = decision_base(cfg, challenger, champion)
+    if champion is not None and champion.source == candidate_uri(cfg, challenger.version):
+        recorded = json.loads(champion.tags.get(PROMOTION_TAG) or "{}")
+        if recorded.get("challenger_version") == str(challenger.version) and challenger.tags.get(
+                "promotion.timestamp") != recorded.get("timestamp"):  # killed between the alias move and the tags
+            tag_decision(client, cfg, challenger, recorded)
+            return recorded
         return {**decision, "decision": "already_champion",
-                "reason": f"version {challenger.version} is already champion"}
+                "reason": f"candidate version {challenger.version} is already champion (version {champion.version} "
+                          f"of {cfg.model_name!r})"}
     new, rescored = decision["challenger_value"], None
     if champion is None:
         outcome, reason = "promoted", "no champion yet"
@@ -290,23 +418,35 @@ def promote(cfg: RegisterConfig) -> dict:
         elif old is not None:
             outcome, reason = "kept", (f"{cfg.metric} {new:.4f} does not beat champion {old:.4f} ({how}) by more "
                                        f"than {cfg.margin}")
-    if outcome == "promoted":
-        client.set_registered_model_alias(cfg.model_name, CHAMPION, challenger.version)
     decision.update(decision=outcome, reason=reason)
-    for key in ("decision", "reason", "metric", "margin", "challenger_value", "champion_value", "champion_scored",
-                "champion_tag_value", "champion_version", "challenger_data_version", "champion_data_version",
-                "challenger_dev_set", "champion_dev_set", "timestamp"):
-        client.set_model_version_tag(cfg.model_name, challenger.version, f"promotion.{key}", str(decision[key]))
-    if rescored is not None:
-        client.set_model_version_tag(cfg.model_name, champion.version, f"rescored.{rescored.sha256[:12]}.{cfg.metric}",
-                                     repr(decision["champion_value"]))
+    with writing(cfg.model_name):
+        if rescored is not None:
+            client.set_model_version_tag(cfg.model_name, champion.version, f"rescored.{rescored.sha256[:12]}."
+                                         f"{cfg.metric}", repr(decision["champion_value"]))
+        if outcome == "promoted":
+            copy = copy_of(client, cfg, challenger) or client.copy_model_version(
+                candidate_uri(cfg, challenger.version), cfg.model_name)
+            decision["served_version"] = str(copy.version)
+            client.set_model_version_tag(cfg.model_name, copy.version, PROMOTION_TAG, json.dumps(decision))
+            client.set_registered_model_alias(cfg.model_name, CHAMPION, copy.version)  # the one move
+    tag_decision(client, cfg, challenger, decision)
     return decision
 
 
+def deferred(cfg: RegisterConfig) -> dict:
+    """The decision of a register stage that does not promote (`cfg.promote` false)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    challenger = version_by_alias(client, cfg.candidates_model_name, CHALLENGER)
+    return {**decision_base(cfg, challenger, version_by_alias(client, cfg.model_name, CHAMPION)),
+            "decision": "deferred", "reason": "register.promote is false: the promotion flow decides"}
+
+
 def run(cfg: RegisterConfig, chosen_path: str | Path, out_dir: str | Path) -> dict:
-    """Register the model of evaluate's `chosen.json` as `challenger` (tagged with its metrics and the evaluation
-    they came from), run the promotion gate, write `out_dir/registered.json`; return it (model name, version, model
-    folder, the promotion decision)."""
+    """Register the model of evaluate's `chosen.json` as `challenger` of the candidates model (tagged with its metrics
+    and the evaluation they came from), run the promotion gate when `cfg.promote`, write `out_dir/registered.json`;
+    return it (candidates model name, version, model folder, the promotion decision)."""
     from morer1 import tracking
     from morer1.files import folder_sha256
 
@@ -321,8 +461,8 @@ def run(cfg: RegisterConfig, chosen_path: str | Path, out_dir: str | Path) -> di
         registered = register_model(model_dir, labels_path, cfg, chosen["metrics"],
                                     {"model_dir": model_dir, "model_sha256": chosen["model_sha256"],
                                      **dev_tags(chosen)})
-        decision = promote(cfg)
-        summary = {"model_name": cfg.model_name, "version": str(registered.version), "model_dir": model_dir,
+        decision = promote(cfg) if cfg.promote else deferred(cfg)
+        summary = {"model_name": cfg.candidates_model_name, "version": str(registered.version), "model_dir": model_dir,
                    "promotion": decision}
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out_dir / "registered.json", json.dumps(summary, indent=1) + "\n")

@@ -203,6 +203,72 @@ def _metrics_html(metrics: dict) -> str:
     return "".join(out)
 
 
+CURVE_LINES = (("precision", "#1565c0"), ("recall", "#c62828"), ("coverage", "#2e7d32"))
+
+
+def _curve_svg(curve: list[dict], width: int = 360, height: int = 220) -> str:
+    """An inline SVG of precision, recall and coverage over the abstention threshold (all in [0, 1])."""
+    left, right, top, bottom = 36, 90, 10, 30
+    w, h = width - left - right, height - top - bottom
+
+    def x(t: float) -> float:
+        return left + w * min(max(t, 0.0), 1.0)
+
+    def y(v: float) -> float:
+        return top + h * (1 - min(max(v, 0.0), 1.0))
+
+    out = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' "
+           "aria-label='precision, recall and coverage over the abstention threshold'>",
+           f"<rect x='{left}' y='{top}' width='{w}' height='{h}' fill='none' stroke='#999'/>"]
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        out.append(f"<text x='{x(tick):.1f}' y='{height - 14}' font-size='10' text-anchor='middle'>{tick:g}</text>"
+                   f"<text x='{left - 4}' y='{y(tick) + 3:.1f}' font-size='10' text-anchor='end'>{tick:g}</text>")
+    out.append(f"<text x='{left + w / 2:.1f}' y='{height - 2}' font-size='10' text-anchor='middle'>"
+               "abstention threshold T</text>")
+    for i, (key, color) in enumerate(CURVE_LINES):
+        # a step function of T: the value holds from one threshold to the next
+        points = []
+        for j, row in enumerate(curve):
+            points.append((x(row["threshold"]), y(row[key])))
+            if j + 1 < len(curve):
+                points.append((x(curve[j + 1]["threshold"]), y(row[key])))
+        path = " ".join(f"{px:.1f},{py:.1f}" for px, py in points)
+        out.append(f"<polyline points='{path}' fill='none' stroke='{color}' stroke-width='2'/>"
+                   f"<text x='{left + w + 8}' y='{top + 14 + 16 * i}' font-size='11' fill='{color}'>{key}</text>")
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _self_consistency_html(sc: dict) -> str:
+    """Greedy against self-consistency per split, and each split's precision-recall-coverage curve."""
+    splits = [s for s in ("dev", "test") if isinstance(sc.get(s), dict)]
+    if not splits:
+        return ""
+    keys = ("accuracy", "precision", "recall", "f1", "invalid_rate", "coverage")
+    t = sc.get("abstain_below")
+    names = {"greedy": "greedy", "self_consistency": f"self-consistency (K={_e(sc.get('samples'))})",
+             "abstain": f"self-consistency, abstain below {_fmt(t)}"}
+    out = ["<h2>Self-consistency</h2>",
+           f"<p>{_e(sc.get('samples'))} completions sampled per fact at temperature {_fmt(sc.get('temperature'))}, "
+           "majority vote over their labels (invalid ones do not vote; a tie goes to the label voted first); the "
+           "vote share is the confidence. Abstaining answers <code>none</code> when the confidence is below T; "
+           "coverage is the share of facts not abstained. Precision and recall follow MORE, as above.</p>",
+           "<table><tr><th>split</th><th>decoding</th>", *(f"<th>{k}</th>" for k in keys), "</tr>"]
+    for split in splits:
+        for name, label in names.items():
+            m = sc[split].get(name) or {}
+            out.append(f"<tr><td>{_e(split)}</td><td>{label}</td>"
+                       + "".join(f"<td>{_fmt(m.get(k, 1.0 if k == 'coverage' else ''))}</td>" for k in keys) + "</tr>")
+    out.append("</table><div class='images'>")
+    for split in splits:
+        curve = sc[split].get("curve") or []
+        if curve:
+            out.append(f"<figure>{_curve_svg(curve)}<figcaption>{_e(split)}: precision, recall and coverage over "
+                       "the abstention threshold</figcaption></figure>")
+    out.append("</div>")
+    return "".join(out)
+
+
 def _counts_html(rows: list[dict]) -> str:
     gold, predicted, right = Counter(), Counter(), Counter()
     for r in rows:
@@ -249,9 +315,11 @@ def _sample_html(i: int, row: dict, full: str | None, crop: str | None) -> str:
 
 
 def write_report(rows: list[dict], facts_dir, out_dir, title: str, metrics: dict | None = None,
-                 max_samples: int = 500) -> Path:
+                 max_samples: int = 500, self_consistency: dict | None = None) -> Path:
     """Write `out_dir/index.html` and its images in `out_dir/img/`; return the page's path.
 
+    `self_consistency` (evaluate's `self_consistency.json`) adds a section: greedy against self-consistency per split
+    and each split's precision-recall-coverage curve as an inline SVG figure (the page stays offline).
     `rows` are fact records (docs/data.md) plus `predicted` (label or None for an invalid answer) and
     `completion` (the raw model output). Image paths are read relative to `facts_dir`. The summary
     counts every row; at most `max_samples` are rendered, all wrong ones first, then right ones.
@@ -289,6 +357,7 @@ def write_report(rows: list[dict], facts_dir, out_dir, title: str, metrics: dict
         f"<title>{_e(title)}</title><style>{STYLE}</style></head><body>"
         f"<h1>{_e(title)}</h1>"
         + (_metrics_html(metrics) if metrics else "")
+        + (_self_consistency_html(self_consistency) if self_consistency else "")
         + _counts_html(rows)
         + f"<p class='meta'>Showing {len(samples)} of {len(rows)} facts (wrong ones first).</p>"
         "<div class='filters'><label>relation (gold or predicted) <select id='f-relation'>"

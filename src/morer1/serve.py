@@ -11,13 +11,24 @@ Pyfunc input, a DataFrame with one row per question (extra columns are ignored):
     box     list[int]  the object box [x0, y0, x1, y1] in integer pixels of `image`, x1 and y1 exclusive
                        (as `object.box` of the ingested facts); it must lie inside the image
 
+Inference params (declared in the model signature, so a REST client may send `"params": {...}`):
+
+    samples        int    1 (default): one greedy completion per row. K > 1: K completions sampled at
+                          `sample_temperature` from one `generate` call per batch (`num_return_sequences=K`, seeded,
+                          so a request answers the same each time) and a majority vote over their labels
+                          (`morer1.consistency`); at most `max_samples`
+    abstain_below  float  0 (default): never abstain. T > 0: answer `none` when the confidence is below T
+
 Output, a DataFrame with one row per input row:
 
     label       str or None  the label of the answer; None when the completion has no single valid label
     rationale   str or None  the text inside <think></think>, stripped; None when there is none
-    completion  str          the raw generated text
+    completion  str          the raw generated text (with samples > 1, the first sample that voted for the label)
+    confidence  float        the share of the samples that voted for the answer's label (greedy: 1.0 for a valid
+                             answer, 0.0 for an invalid one); an abstained answer keeps the confidence of its vote
 
-What one call may cost is bounded by ServeConfig (the pyfunc's `model_config`): at most `max_rows` rows,
+What one call may cost is bounded by ServeConfig (the pyfunc's `model_config`): at most `max_rows` rows and
+`max_samples` samples per row (bad params are refused like a bad row, naming the param),
 `max_image_bytes` bytes per decoded image and `max_image_pixels` pixels per image, read from the image header
 before any pixel is decoded (decompression bombs are refused unread). Every row is checked before any
 image is decoded; a bad row raises RefusedInputError naming the 0-based row: an MlflowException with
@@ -26,10 +37,11 @@ error code INVALID_PARAMETER_VALUE, which MLflow's scoring server answers with H
 BadInputError, exit code 2 of the CLI.
 
 The predictor then crops the object from the image itself, writes the photo and the crop as PNG files to a
-temporary folder and generates greedily with `morer1.generation.generate_completions`, the decoding of
-evaluation. Serving needs `morer1` installed beside MLflow (`--env-manager local` in the project's
-environment, with its `bin/` on PATH, since `mlflow models serve` runs `uvicorn`): the logged model refers to
-this module, it does not carry a copy.
+temporary folder and generates with `morer1.generation.generate_completions`: greedily, the decoding of
+evaluation, or with `samples` > 1 by self-consistency as evaluate's self-consistency scoring (its temperature is
+`sample_temperature` of the model_config). Serving needs `morer1` installed beside MLflow (`--env-manager local` in
+the project's environment, with its `bin/` on PATH, since `mlflow models serve` runs `uvicorn`): the logged model
+refers to this module, it does not carry a copy.
 """
 
 from __future__ import annotations
@@ -59,9 +71,13 @@ if TYPE_CHECKING:
 
 INPUT_COLUMNS = ("image", "title", "entity", "box")
 OUTPUT_EXAMPLE = pd.DataFrame([
-    {"label": "none", "rationale": "Step 1: ...", "completion": "<think>Step 1: ...</think><answer>none</answer>"},
-    {"label": None, "rationale": None, "completion": "no answer"},
+    {"label": "none", "rationale": "Step 1: ...", "completion": "<think>Step 1: ...</think><answer>none</answer>",
+     "confidence": 1.0},
+    {"label": None, "rationale": None, "completion": "no answer", "confidence": 0.0},
 ])
+# The inference params of the signature with their defaults (greedy, no abstention); bounded by ServeConfig.
+PARAMS_EXAMPLE = {"samples": 1, "abstain_below": 0.0}
+SAMPLING_SEED = 0  # seed of the served model's sampling: the same request gets the same answer
 # The image formats the served model decodes; PIL would otherwise try every plugin it has (EPS runs Ghostscript).
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 # Qwen2-VL's image processor refuses an image (or crop) more elongated than this: refused here, as a bad row.
@@ -88,6 +104,11 @@ class ServeConfig(StageConfig):
         25_000_000, ge=1, le=PIL_MAX_IMAGE_PIXELS,
         description="Largest image the served model accepts, in pixels (width x height), read from the image "
                     "header before decoding: refuses decompression bombs.")
+    max_samples: int = Field(
+        8, ge=1, description="Most sampled completions per row a request may ask for (the `samples` param); one "
+                             "forward pass holds batch_size x samples sequences.")
+    sample_temperature: float = Field(
+        0.7, gt=0, description="Sampling temperature of the served model when a request asks for samples > 1.")
 
 
 def serve_model_config(cfg: ServeConfig) -> dict:
@@ -125,24 +146,43 @@ class MorePredictor(mlflow.pyfunc.PythonModel):
         self.max_new_tokens, self.batch_size = self.cfg.max_new_tokens, self.cfg.batch_size
 
     def predict(self, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        """Label and rationale for each row of the input DataFrame (see the module docstring)."""
+        """Label, rationale and confidence for each row of the input DataFrame (see the module docstring)."""
         import tempfile
 
+        from morer1.consistency import vote
         from morer1.generation import generate_completions
         from morer1.parsing import parse_completion
 
+        samples, abstain_below = checked_params(params, self.cfg)
         rows = checked_rows(model_input, self.cfg)
+        decoding = dict(num_return_sequences=samples, do_sample=True, temperature=self.cfg.sample_temperature,
+                        seed=SAMPLING_SEED) if samples > 1 else {}
         with tempfile.TemporaryDirectory(prefix="morer1-predict-") as folder:
             facts = [write_fact(i, row, Path(folder), self.cfg) for i, row in enumerate(rows)]
-            completions = [c[0] for c in generate_completions(
+            completions = generate_completions(
                 self.model, self.processor, facts, folder, self.labels, max_new_tokens=self.max_new_tokens,
-                batch_size=self.batch_size, progress=False, prompt=self.prompt)]
-        parsed = [parse_completion(c, self.labels) for c in completions]
+                batch_size=self.batch_size, progress=False, prompt=self.prompt, **decoding)
+        votes = [vote(c, self.labels, abstain_below) for c in completions]
+        thinks = [parse_completion(v.completion, self.labels).think for v in votes]
         return pd.DataFrame({
-            "label": pd.Series([p.label for p in parsed], dtype=object),
-            "rationale": pd.Series([p.think.strip() if p.think is not None else None for p in parsed], dtype=object),
-            "completion": pd.Series(completions, dtype=object),
+            "label": pd.Series([v.label for v in votes], dtype=object),
+            "rationale": pd.Series([t.strip() if t is not None else None for t in thinks], dtype=object),
+            "completion": pd.Series([v.completion for v in votes], dtype=object),
+            "confidence": pd.Series([v.confidence for v in votes], dtype=float),
         })
+
+
+def checked_params(params: dict | None, cfg: ServeConfig) -> tuple[int, float]:
+    """(samples, abstain_below) of a request's params (PARAMS_EXAMPLE's defaults for missing ones);
+    RefusedInputError for a value out of bounds."""
+    params = {**PARAMS_EXAMPLE, **(params or {})}
+    samples, abstain_below = params["samples"], params["abstain_below"]
+    if not isinstance(samples, Integral) or isinstance(samples, bool) or not 1 <= samples <= cfg.max_samples:
+        raise RefusedInputError(f"params: samples must be an integer from 1 to max_samples={cfg.max_samples}, "
+                                f"got {samples!r}")
+    if isinstance(abstain_below, bool) or not isinstance(abstain_below, (int, float)) or not abstain_below >= 0:
+        raise RefusedInputError(f"params: abstain_below must be a number >= 0, got {abstain_below!r}")
+    return int(samples), float(abstain_below)
 
 
 def checked_rows(frame: pd.DataFrame, cfg: ServeConfig) -> list[dict]:
@@ -304,11 +344,24 @@ def serving_config(predictor) -> ServeConfig:
     return inner.cfg
 
 
+def check_params_declared(predictor, params: dict | None) -> None:
+    """BadInputError when `params` ask for more than greedy of a logged model whose signature declares no params
+    (logged before self-consistency): MLflow would drop them with a warning and answer greedily."""
+    metadata = getattr(predictor, "metadata", None)
+    signature = getattr(metadata, "signature", None)
+    if signature is not None and signature.params is None and {**PARAMS_EXAMPLE, **(params or {})} != PARAMS_EXAMPLE:
+        raise BadInputError(f"this model's signature declares no inference params, so {params} would be ignored: "
+                            "register the model again to use samples / abstain_below")
+
+
 def predict(model_uri: str | Path, inputs: pd.DataFrame, *, labels_path: str | Path | None = None,
-            model_config: dict | None = None) -> pd.DataFrame:
-    """Predictions of the model at `model_uri` for `inputs` (arguments as for `load_predictor`); `image` holds
-    encoded bytes, as over REST (`predict_one` and `predict_jsonl` read local files)."""
-    return load_predictor(model_uri, labels_path=labels_path, model_config=model_config).predict(inputs)
+            model_config: dict | None = None, params: dict | None = None) -> pd.DataFrame:
+    """Predictions of the model at `model_uri` for `inputs` (arguments as for `load_predictor`; `params` as the
+    module docstring's); `image` holds encoded bytes, as over REST (`predict_one` and `predict_jsonl` read local
+    files)."""
+    predictor = load_predictor(model_uri, labels_path=labels_path, model_config=model_config)
+    check_params_declared(predictor, params)
+    return predictor.predict(inputs, params=params)
 
 
 def allowed_folders(allow_dirs: Sequence[str | Path] | None, default: Path) -> list[Path]:
@@ -351,22 +404,25 @@ def local_image(value, base: Path, allowed: list[Path], max_bytes: int):
 
 
 def predict_one(model_uri: str, image: str, title: str, entity: str, box: list[int], *,
-                allow_dirs: Sequence[str | Path] | None = None) -> dict:
-    """`label`, `rationale` and `completion` for one image (a file path, relative to the working folder, or
-    base64), title, entity and pixel box. An image file must lie in `allow_dirs` (default: its own folder)."""
+                allow_dirs: Sequence[str | Path] | None = None, params: dict | None = None) -> dict:
+    """`label`, `rationale`, `completion` and `confidence` for one image (a file path, relative to the working
+    folder, or base64), title, entity and pixel box. An image file must lie in `allow_dirs` (default: its own
+    folder). `params`: `samples` and `abstain_below` (module docstring)."""
     predictor = load_predictor(model_uri)
+    check_params_declared(predictor, params)
     allowed = allowed_folders(allow_dirs, (Path.cwd() / Path(str(image)).expanduser()).parent)
     encoded = local_image(str(image), Path.cwd(), allowed, serving_config(predictor).max_image_bytes)
     frame = pd.DataFrame([{"image": encoded, "title": title, "entity": entity, "box": list(box)}])
-    return predictor.predict(frame).iloc[0].to_dict()
+    return predictor.predict(frame, params=params).iloc[0].to_dict()
 
 
 ROW = re.compile(r"^row (\d+): ")
 
 
 def predict_jsonl(model_uri: str, in_path: str | Path, out_path: str | Path, *,
-                  allow_dirs: Sequence[str | Path] | None = None) -> int:
-    """Write each input line of `in_path` with its `label` and `rationale` to `out_path`; return the line count.
+                  allow_dirs: Sequence[str | Path] | None = None, params: dict | None = None) -> int:
+    """Write each input line of `in_path` with its `label`, `rationale` and `confidence` to `out_path`; return the
+    line count. `params`: `samples` and `abstain_below` (module docstring).
 
     Relative image paths are read relative to the folder of `in_path`; image files must lie in `allow_dirs`
     (default: the folder of `in_path`). The lines go to the model in chunks of its `max_rows`; an error names the
@@ -384,9 +440,10 @@ def predict_jsonl(model_uri: str, in_path: str | Path, out_path: str | Path, *,
                 if not isinstance(records[-1], dict):
                     raise BadInputError(f"{in_path}:{number}: expected a JSON object")
                 numbers.append(number)
-    labels, rationales = [], []
+    labels, rationales, confidences = [], [], []
     if records:
         predictor = load_predictor(model_uri)
+        check_params_declared(predictor, params)
         cfg = serving_config(predictor)
         allowed = allowed_folders(allow_dirs, in_path.parent.resolve())
         columns = sorted({key for r in records for key in r})
@@ -396,7 +453,7 @@ def predict_jsonl(model_uri: str, in_path: str | Path, out_path: str | Path, *,
                 if "image" in chunk.columns:
                     chunk["image"] = [_named(i, local_image, value, in_path.parent, allowed,
                                              cfg.max_image_bytes) for i, value in enumerate(chunk["image"])]
-                result = predictor.predict(chunk)
+                result = predictor.predict(chunk, params=params)
             except BadInputError as exc:  # "row k" of the chunk -> the line of the file
                 message = getattr(exc, "message", str(exc))
                 if match := ROW.match(message):
@@ -404,8 +461,9 @@ def predict_jsonl(model_uri: str, in_path: str | Path, out_path: str | Path, *,
                 raise BadInputError(f"{in_path}: {message}") from None
             labels += result["label"].tolist()
             rationales += result["rationale"].tolist()
+            confidences += result["confidence"].tolist()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_path, ({**record, "label": labels[i], "rationale": rationales[i]}
+    write_jsonl(out_path, ({**record, "label": labels[i], "rationale": rationales[i], "confidence": confidences[i]}
                            for i, record in enumerate(records)))
     return len(records)
 

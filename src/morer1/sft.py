@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from morer1 import tracking
+from morer1.errors import BadInputError
 from morer1.files import read_jsonl
 from morer1.training import (
     StrictResumeMixin,
@@ -80,10 +81,26 @@ def drop_overlong(rows: list[dict], processor, max_length: int) -> tuple[list[di
     return kept, len(rows) - len(kept)
 
 
-def run(cfg: SFTConfig, data_dir: str | Path, output: str | Path, curves_dir: str | Path | None = None) -> dict:
-    """Fine-tune `cfg.model` on `data_dir/train.jsonl` (evaluated on `dev.jsonl` if present); save the model, its
-    processor, the prompt template's name and `sft_summary.json` to `output`; write the loss and dev-F1 curves into
-    `curves_dir` (`morer1.curves`) when given; log to the stage's MLflow run (main process); return the summary."""
+def supplement_rows(supplement_dir: str | Path | None, data_dir: Path) -> list[dict]:
+    """The flywheel's accepted rows (`supplement_dir/train.jsonl`, `morer1.flywheel`): none when the folder or the
+    file is absent; BadInputError when they were written with another prompt template than the SFT set."""
+    from morer1.prompt import model_prompt
+
+    if supplement_dir is None or not (Path(supplement_dir) / "train.jsonl").is_file():
+        return []
+    rows = read_jsonl(Path(supplement_dir) / "train.jsonl")
+    if rows and model_prompt(supplement_dir) != model_prompt(data_dir):
+        raise BadInputError(f"{supplement_dir}: supplement written with prompt {model_prompt(supplement_dir)!r}, "
+                            f"the SFT set {data_dir} with {model_prompt(data_dir)!r}")
+    return rows
+
+
+def run(cfg: SFTConfig, data_dir: str | Path, output: str | Path, curves_dir: str | Path | None = None,
+        supplement_dir: str | Path | None = None) -> dict:
+    """Fine-tune `cfg.model` on `data_dir/train.jsonl` plus the flywheel supplement's rows in `supplement_dir`, if
+    any (evaluated on `dev.jsonl` if present); save the model, its processor, the prompt template's name and
+    `sft_summary.json` to `output`; write the loss and dev-F1 curves into `curves_dir` (`morer1.curves`) when given;
+    log to the stage's MLflow run (main process); return the summary."""
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
@@ -97,12 +114,18 @@ def run(cfg: SFTConfig, data_dir: str | Path, output: str | Path, curves_dir: st
         model, processor = load_model_and_processor(cfg.model)
         set_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)
         train_rows, dropped = drop_overlong(read_jsonl(data_dir / "train.jsonl"), processor, cfg.max_length)
+        extra = supplement_rows(supplement_dir, data_dir)
+        extra_rows, extra_dropped = drop_overlong(extra, processor, cfg.max_length)
+        train_rows, dropped = train_rows + extra_rows, dropped + extra_dropped
         if not train_rows:
             raise ValueError(f"{data_dir / 'train.jsonl'}: no training sample fits in sft.max_length={cfg.max_length}")
         dev_path = data_dir / "dev.jsonl"
         dev_rows = drop_overlong(read_jsonl(dev_path), processor, cfg.max_length)[0] if dev_path.exists() else []
 
-        job = fingerprint(cfg.model_dump(), (data_dir / "train.jsonl").read_bytes(), folder_signature(cfg.model))
+        data = [(data_dir / "train.jsonl").read_bytes()]
+        if extra:  # without a supplement the job is the one it was before the flywheel existed
+            data.append((Path(supplement_dir) / "train.jsonl").read_bytes())
+        job = fingerprint(cfg.model_dump(), *data, folder_signature(cfg.model))
         ckpt_dir, last = checkpoint_folder(cfg.checkpoint_dir, "sft", job)
         args = TRLSFTConfig(
             **cfg.trainer_arguments(ckpt_dir),
@@ -133,7 +156,8 @@ def run(cfg: SFTConfig, data_dir: str | Path, output: str | Path, curves_dir: st
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         points = callbacks[0].points if callbacks else []
         summary = {
-            "train_samples": len(train_rows), "dropped_overlong": dropped, "dev_samples": len(dev_rows),
+            "train_samples": len(train_rows), "supplement_samples": len(extra_rows), "dropped_overlong": dropped,
+            "dev_samples": len(dev_rows),
             "steps": trainer.state.global_step, "resumed_from": last, "resumed_run_id": resumed_run,
             "train_loss": result.training_loss,
             "first_logged_loss": losses[0] if losses else None, "last_logged_loss": losses[-1] if losses else None,

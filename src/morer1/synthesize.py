@@ -162,6 +162,22 @@ def _is_sft_file(path: Path) -> bool:
     return path.is_file() and (path.suffix == ".jsonl" or path.name in ("report.json", "labels.json", PROMPT_FILE))
 
 
+def explain(facts: list[dict], facts_dir: Path, labels, cfg: SynthesizeConfig, teacher) -> tuple[list[dict], Counter]:
+    """Ask `teacher` for a rationale of each fact (gold-conditioned, full prompt); the SFT rows of those that pass
+    the filter (`rejection_reason`), in fact order, and the rejections counted by reason."""
+    requests = [TeacherRequest(f, labels, prompt_messages(f, labels), tuple(fact_images(f, facts_dir)))
+                for f in facts]
+    completions = teacher.generate(requests)
+    kept, reasons = [], Counter()
+    for request, completion in zip(requests, completions, strict=True):
+        reason = rejection_reason(completion, request.fact["relation"], labels, cfg.leakage_phrases)
+        if reason:
+            reasons[reason] += 1
+        else:
+            kept.append(sft_example(request, completion, cfg.prompt))
+    return kept, reasons
+
+
 def _synthesize_into(staging: Path, facts_dir: Path, labels, cfg: SynthesizeConfig, teacher) -> dict:
     """Write the SFT set into `staging`; return the report."""
     report: dict = {"teacher": cfg.teacher, "prompt": cfg.prompt, "splits": {}}
@@ -172,18 +188,9 @@ def _synthesize_into(staging: Path, facts_dir: Path, labels, cfg: SynthesizeConf
         if not path.exists():
             raise BadInputError(f"{path}: missing; synthesize.splits names a split that was not ingested")
         facts = select_facts(read_jsonl(path), cfg)
-        requests = [TeacherRequest(f, labels, prompt_messages(f, labels), tuple(fact_images(f, facts_dir)))
-                    for f in facts]
-        completions = teacher.generate(requests)
-        kept, reasons = [], Counter()
-        for request, completion in zip(requests, completions, strict=True):
-            reason = rejection_reason(completion, request.fact["relation"], labels, cfg.leakage_phrases)
-            if reason:
-                reasons[reason] += 1
-            else:
-                kept.append(sft_example(request, completion, cfg.prompt))
+        kept, reasons = explain(facts, facts_dir, labels, cfg, teacher)
         write_jsonl(staging / f"{split}.jsonl", kept)
-        report["splits"][split] = {"requested": len(requests), "kept": len(kept), "rejected": dict(reasons),
+        report["splits"][split] = {"requested": len(facts), "kept": len(kept), "rejected": dict(reasons),
                                    "labels": dict(sorted(Counter(r["relation"] for r in kept).items()))}
     report["teacher_stats"] = getattr(teacher, "stats", {})
     write_text_atomic(staging / "report.json", json.dumps(report, indent=1) + "\n")

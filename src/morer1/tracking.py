@@ -3,6 +3,7 @@
 The tracking URI is `MLFLOW_TRACKING_URI` when set, else a SQLite file in the project's state folder
 (`MORER1_STATE_DIR`, default `.state/`). The flow starts the parent run and passes its id to the stage
 processes in `MORER1_PARENT_RUN_ID`; a stage run without it is a top-level run.
+`MORER1_RUN_TAGS` (a JSON object) adds tags to every stage run, e.g. the ablation grid and cell of `morer1 ablate`.
 
 A stage run records the host and pid of its process. A process that is killed outright (SIGKILL, out of memory,
 a lost node) cannot end its run, which would stay RUNNING forever: the next run of the same stage ends such runs as
@@ -13,6 +14,7 @@ wrote the checkpoint (`resumed_run_id`).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -23,6 +25,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 PARENT_RUN_ENV = "MORER1_PARENT_RUN_ID"
+RUN_TAGS_ENV = "MORER1_RUN_TAGS"
 EXPERIMENT_ENV = "MORER1_EXPERIMENT"
 DEFAULT_EXPERIMENT = "morer1"
 HOST_TAG, PID_TAG = "morer1.host", "morer1.pid"
@@ -98,6 +101,10 @@ def stage_run(stage: str, config: BaseModel | None = None):
     mlflow = setup()
     parent = os.environ.get(PARENT_RUN_ENV) or None
     tags = {"morer1.stage": stage, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), **version_tags()}
+    extra = json.loads(os.environ.get(RUN_TAGS_ENV) or "{}")
+    if not isinstance(extra, dict):
+        raise ValueError(f"{RUN_TAGS_ENV} must be a JSON object of tags, not {extra!r}")
+    tags.update({str(k): str(v) for k, v in extra.items()})
     with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags) as run:
         ended = end_stale_runs(stage, run.info.run_id)
         if ended:

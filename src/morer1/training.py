@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from morer1 import tracking
 from morer1.errors import BadInputError
@@ -103,16 +103,61 @@ def folder_signature(folder: str | Path) -> list:
 
 
 def checkpoint_folder(root: str | Path, stage: str, job: str) -> tuple[Path, str | None]:
-    """This job's checkpoint folder, and its last checkpoint when resuming; other jobs' checkpoints are cleared."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """This job's checkpoint folder, and its last usable checkpoint when resuming (`last_usable_checkpoint`); other
+    jobs' checkpoints are cleared."""
     folder = Path(root) / stage
     marker = folder / "JOB"
     if folder.exists() and (not marker.exists() or marker.read_text().strip() != job):
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     marker.write_text(job + "\n")
-    return folder, get_last_checkpoint(str(folder))
+    return folder, last_usable_checkpoint(folder)
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a Trainer checkpoint folder cannot be resumed from (a file missing, truncated or unreadable), or None.
+    Reads headers only: safetensors headers against the file size, torch files' zip directories, JSON files whole.
+    The Trainer writes `trainer_state.json` last, so a checkpoint without it was cut off while being written."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    if not (checkpoint / "trainer_state.json").is_file():
+        return "no trainer_state.json (cut off while being written)"
+    for file in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt"):
+                    pass
+            elif file.suffix in (".pt", ".pth", ".bin"):
+                zipfile.ZipFile(file).close()
+            elif file.suffix == ".json":
+                json.loads(file.read_text(encoding="utf-8"))
+        except Exception as exc:  # noqa: BLE001 - any failure to read makes the checkpoint unusable
+            return f"{file.relative_to(checkpoint)}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def last_usable_checkpoint(folder: Path) -> str | None:
+    """The newest `checkpoint-<step>` of `folder` whose files are complete (`checkpoint_problem`). Newer unusable
+    ones are deleted, with a warning naming them and saying whether training resumes from an older one or starts
+    over."""
+    checkpoints = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+                         key=lambda p: int(p.name[11:]), reverse=True)
+    unusable = []
+    for checkpoint in checkpoints:
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            break
+        unusable.append(f"{checkpoint} ({problem})")
+        shutil.rmtree(checkpoint, ignore_errors=True)  # every process of a launch decides the same
+    else:
+        checkpoint = None
+    if unusable:
+        logger.warning("unusable checkpoint(s) deleted: %s; %s", "; ".join(unusable),
+                       f"resuming from the previous good one, {checkpoint}" if checkpoint
+                       else "no usable checkpoint left: training starts over from step 0")
+    return str(checkpoint) if checkpoint else None
 
 
 class CheckpointMismatchError(BadInputError):
@@ -280,15 +325,43 @@ def save_model(trainer, processor, output: Path, *, prompt: str, summary: dict, 
 
 
 @contextmanager
-def main_process_run(stage: str, config: BaseModel) -> Iterator[bool]:
-    """The stage's MLflow run, opened on the accelerate main process only; yields whether this is that process."""
+def main_process_run(stage: str, config: TrainingSettings) -> Iterator[bool]:
+    """The stage's MLflow run, opened on the accelerate main process only; yields whether this is that process.
+    When the tracking server stops answering, the stage fails with TrackingServerLost, which says so in one line."""
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
         yield False
         return
-    with tracking.stage_run(stage, config):
-        yield True
+    try:
+        with tracking.stage_run(stage, config):
+            yield True
+    except Exception as exc:
+        cause = _unreachable_server(exc)
+        if cause is None:
+            raise
+        kept = (Path(config.checkpoint_dir) / stage).resolve()
+        raise TrackingServerLost(
+            f"the MLflow tracking server {tracking.tracking_uri()} stopped answering during stage '{stage}' "
+            f"({type(cause).__name__}); the checkpoints written so far stay in {kept}: "
+            "rerun when the server is back to resume from the last one") from None
+
+
+class TrackingServerLost(RuntimeError):
+    """The MLflow tracking server stopped answering during a training stage (a rerun may succeed: not bad input)."""
+
+
+def _unreachable_server(exc: BaseException | None) -> BaseException | None:
+    """The connection error or timeout (requests') behind `exc`, if the tracking server could not be reached."""
+    import requests
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def bf16_enabled(setting: bool | None) -> bool:
