@@ -106,6 +106,8 @@ def test_each_bad_record_is_rejected_with_file_line_and_reason_and_good_ones_kep
                      11: "image_missing"}
     assert all(r["file"] == str(src / "txt" / "train.txt") for r in rejects.values())
     assert "'/per/per/enemy' is not in rel2id.json" in rejects[5]["reason"]
+    # the photo named by its name, never by where the project lives (Pillow's own message holds the absolute path)
+    assert "broken.jpg" in rejects[7]["reason"] and str(tmp_path) not in rejects[7]["reason"]
     kept = read_jsonl(tmp_path / "out" / "train.jsonl")
     assert [r["source"] for r in kept] == ["txt/train.txt:1", "txt/train.txt:10"]
     assert kept[1]["object"]["box"] == [1, 0, 200, 100]  # x1 = 201 clipped to the width

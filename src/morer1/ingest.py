@@ -261,7 +261,10 @@ def read_image(path: Path):
             img.load()
             return ImageInfo(path, img.width, img.height), img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise Reject("image_unreadable", f"unreadable image {path.name}: {exc}") from None
+        # Pillow's message names the file by its absolute path: the reason names it by its name only, so the
+        # rejects are the same bytes wherever the project lives
+        reason = str(exc).replace(str(path), path.name)
+        raise Reject("image_unreadable", f"unreadable image {path.name}: {reason}") from None
 
 
 class Photos:
