@@ -176,6 +176,11 @@ def test_disabled_flywheel_loads_no_model_and_changes_nothing_sft_reads(tiny, tm
     assert [p.name for p in (tmp_path / "round").iterdir()] == ["report.json"]
     report = json.loads((tmp_path / "round" / "report.json").read_text())
     assert report["enabled"] is False and report["sent"] == report["usable"] == 0
+    import mlflow  # recorded like every stage, so a pipeline run has one nested run per stage
+
+    run = mlflow.last_active_run()
+    assert run.data.tags["morer1.stage"] == "flywheel" and run.data.params["flywheel.enabled"] == "False"
+    assert run.data.metrics["sent"] == 0
     cli.main(["flywheel-accept", "--round", str(tmp_path / "round"), "--out", str(supplement)])
     assert folder_sha256(supplement) == before and supplement_rows(supplement, tiny / "sft") == []
 

@@ -85,7 +85,8 @@ def run(cfg: FlywheelConfig, rollout: RolloutConfig, synth: SynthesizeConfig, fa
     `facts_dir/train.jsonl` and the facts of the last round accepted in `supplement_dir`, send at most
     `cfg.max_facts` facts of pass rate 0 to the teacher (`teacher`, default: `synth`'s), keep the rationales that
     pass the SFT filter; log the counts to the stage's MLflow run and return the report. Disabled: the report
-    only (all counts 0), no model loaded and no MLflow run (its set-up alone takes seconds)."""
+    only (all counts 0, logged like any stage's, so every stage of a pipeline run has its nested run), no model
+    loaded."""
     facts_dir, supplement_dir, out_dir = Path(facts_dir), Path(supplement_dir), Path(out_dir)
     report: dict = {"enabled": cfg.enabled, "facts": 0, "blind_spots": 0, "sent": 0, "usable": 0, "rejected": {},
                     "previous": {"facts": 0, "missing": 0}}
@@ -93,10 +94,10 @@ def run(cfg: FlywheelConfig, rollout: RolloutConfig, synth: SynthesizeConfig, fa
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        if cfg.enabled:
-            with tracking.stage_run("flywheel", cfg):
+        with tracking.stage_run("flywheel", cfg):
+            if cfg.enabled:
                 report.update(_round(cfg, rollout, synth, facts_dir, supplement_dir, staging, teacher))
-                tracking.log_summary(report)
+            tracking.log_summary(report)
         write_text_atomic(staging / "report.json", json.dumps(report, indent=1) + "\n")
         swap_in(staging, out_dir)
     finally:
