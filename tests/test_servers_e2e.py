@@ -92,8 +92,9 @@ def test_pipeline_and_promotion_against_real_mlflow_and_prefect_servers(tmp_path
         children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
         assert parent.info.status == "FINISHED"
         assert children == set(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
-        assert client.get_registered_model("morer1").aliases == {"champion": "1"}
-        assert client.get_registered_model("morer1-candidates").aliases == {"challenger": "1"}
+        aliases = {name: {alias: int(v) for alias, v in client.get_registered_model(name).aliases.items()}
+                   for name in ("morer1-candidates", "morer1")}
+        assert aliases == {"morer1-candidates": {"challenger": 1}, "morer1": {"champion": 1}}
         assert client.get_model_version("morer1-candidates", "1").tags["promotion.decision"] == "promoted"
 
         [pipeline_run] = [r for r in _flow_runs(api, "morer1-pipeline") if r["deployment_id"] is None]  # not nightly's
