@@ -35,6 +35,10 @@ test: $(VENV)/.installed  ## all tests but the fault suite, including one end-to
 test-faults: $(VENV)/.installed  ## the fault suite (tests/test_faults.py): kill -9, two runs at once, a lost tracking server, corrupt checkpoints, determinism
 	$(PY) -m pytest -q -m faults
 
+.PHONY: test-cluster
+test-cluster: $(VENV)/.installed  ## two work pools on this machine (tests/test_cluster.py): sft and grpo on a `gpu` worker in its own clone, data through a DVC remote, the worker killed once
+	$(PY) -m pytest -q -m cluster
+
 bench: $(VENV)/.installed  ## benchmark suite: tables on stdout, JSON in reports/bench/, MLflow runs; BENCH_QUICK=1 for small sizes
 	$(PY) benchmarks/run_all.py
 

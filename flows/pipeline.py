@@ -7,6 +7,8 @@ changed or a stage it depends on ran, so a run where nothing changed calls no st
 still recorded (the MLflow run, every stage `skipped`, the Prefect flow run and its summary artifact).
 With `--profile NAME` the pipeline runs as the DVC experiment `NAME-<UTC time>` with the overlay
 `profiles/NAME.yaml` applied (`dvc exp run --temp -S ...`); params.yaml and the workspace are left as they are.
+A stage that `placement.pools` (params.yaml, or a profile made of `placement` keys only) puts on a work pool runs
+there, as a child flow run of the `morer1-stage/<pool>` deployment (flows/stage.py, morer1.placement).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from morer1.orchestrate import (
     StageFailed,
     experiment_name,
     experiment_stage_results,
+    load_profile,
     pipeline_lock,
     plan_pipeline,
     repro_stage,
@@ -60,15 +63,20 @@ if __name__ == "__main__":
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 
-from morer1 import tracking
+from morer1 import placement, tracking
+from morer1.errors import BadInputError
 
 
 def _transient(task, task_run, state) -> bool:
     """Retry a stage only for faults that a rerun can fix (not bad data, not a failed gate, not a held lock)."""
     exc = state.result(raise_on_failure=False)
-    return not isinstance(exc, PipelineLocked) and (not isinstance(exc, StageFailed) or exc.transient)
+    if isinstance(exc, (PipelineLocked, placement.PoolUnavailable, BadInputError)):
+        return False
+    return not isinstance(exc, StageFailed) or exc.transient
 
 
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=_transient, task_run_name="dvc-{stage}")
@@ -77,6 +85,34 @@ def run_stage(project_dir: str, stage: str, parent_run_id: str) -> dict:
     result = repro_stage(project_dir, stage, {tracking.PARENT_RUN_ENV: parent_run_id})
     get_run_logger().info("stage %s %s in %.1f s", stage, result.status, result.seconds)
     return vars(result)
+
+
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=_transient, task_run_name="dvc-{stage}")
+def run_remote_stage(project_dir: str, stage: str, pool: str, parent_run_id: str, config: dict) -> dict:
+    """One DVC stage on a worker of `pool`: its inputs pushed to the DVC remote, a run of `morer1-stage/<pool>` (a
+    child of this task run), then the worker's dvc.lock and the stage's outputs pulled here. A run that crashed
+    (its worker died) is retried: the new run resumes from the checkpoints the stage left."""
+    settings = placement.PlacementConfig(**config)
+    commit = placement.prepare_remote_stage(project_dir, stage, settings)
+    lock = Path(project_dir) / "dvc.lock"
+    mlflow = tracking.setup()
+    try:
+        run = run_deployment(f"{placement.STAGE_FLOW}/{pool}", timeout=0, flow_run_name=stage, parameters={
+            "stage": stage, "commit": commit, "dvc_lock": lock.read_text(encoding="utf-8") if lock.is_file() else None,
+            "dvc_remote": settings.dvc_remote, "parent_run_id": parent_run_id,
+            "tracking_uri": mlflow.get_tracking_uri(),
+            "experiment": os.environ.get(tracking.EXPERIMENT_ENV, tracking.DEFAULT_EXPERIMENT), "pool": pool})
+    except ObjectNotFound:
+        raise placement.PoolUnavailable(
+            f"stage {stage}: the Prefect server has no deployment {placement.STAGE_FLOW}/{pool}; deploy it from the "
+            f"checkout that pool's workers use: prefect deploy --name {pool}") from None
+    logger = get_run_logger()
+    logger.info("stage %s submitted to work pool %s as flow run %s", stage, pool, run.name)
+    result = placement.stage_result(placement.wait_for_stage(run.id, stage, pool, settings), stage)
+    placement.finish_remote_stage(project_dir, stage, result, settings)
+    logger.info("stage %s %s in %.1f s on %s in %s", stage, result["status"], result["seconds"], result["host"],
+                result["checkout"])
+    return {key: result[key] for key in ("stage", "status", "seconds", "host", "checkout")} | {"pool": pool}
 
 
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=_transient, task_run_name="dvc-exp-{name}")
@@ -104,11 +140,17 @@ def _run_pipeline(project_dir: str, stages: list[str] | None, profile: str | Non
     """The flow's body, under the pipeline lock."""
     logger = get_run_logger()
     mlflow = tracking.setup()
-    overrides = set_param_overrides(project_dir, profile) if profile else None  # a stale key stops here
+    overrides = set_param_overrides(project_dir, profile) if profile else []  # a stale key stops here
+    settings = placement.placement_config(project_dir, load_profile(project_dir, profile).get("placement")
+                                          if profile else None)
+    overrides = [o for o in overrides if not o.lstrip("+").startswith("placement.")]  # where, not what
     plan = _PLANS.pop((project_dir, tuple(stages or ())), None) or plan_pipeline(project_dir, stages)
-    if not profile and not plan.changed:
+    pools = placement.remote_stages(project_dir, settings, plan.stages, bool(overrides), mlflow.get_tracking_uri())
+    if pools:
+        placement.ensure_zombie_automation()  # a stage run whose worker dies is marked Crashed, then retried
+    if not overrides and not plan.changed:
         logger.info("DVC reports no changes: every stage is up to date")
-    exp: dict | None = {"profile": profile, "experiment": experiment_name(profile)} if profile else None
+    exp: dict | None = {"profile": profile, "experiment": experiment_name(profile)} if overrides else None
     # the stage tag, host and pid let the next pipeline run end this one as KILLED if its process dies outright
     tags = {"prefect.flow_run_id": str(flow_run.id), "morer1.stage": "pipeline",
             tracking.HOST_TAG: socket.gethostname(), tracking.PID_TAG: str(os.getpid())}
@@ -138,7 +180,9 @@ def _run_pipeline(project_dir: str, stages: list[str] | None, profile: str | Non
                         results.append({"stage": stage, "status": "skipped", "seconds": None})
                         continue
                     try:
-                        results.append(run_stage(project_dir, stage, run.info.run_id))
+                        results.append(run_remote_stage(project_dir, stage, pools[stage], run.info.run_id,
+                                                        settings.model_dump()) if stage in pools else
+                                       run_stage(project_dir, stage, run.info.run_id))
                     except StageFailed as exc:
                         results.append({"stage": stage, "status": "failed", "seconds": None})
                         mlflow.set_tag("morer1.failed_stage", stage)
@@ -171,5 +215,5 @@ if __name__ == "__main__":
         SERVER.wait_ready(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
     try:
         pipeline(ARGS.project_dir, stages, ARGS.profile)  # takes the lock again (re-entrant): held since the start
-    except PipelineLocked as exc:  # DVC's own lock, held by a process outside any pipeline run
+    except (PipelineLocked, placement.PoolUnavailable) as exc:  # DVC's own lock held elsewhere; no worker came
         sys.exit(f"morer1 pipeline: {exc}")

@@ -27,12 +27,17 @@ def test_prefect_yaml_deployments_name_flows_that_exist(flows_env):
 
     config = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in config["deployments"]}
-    assert set(deployments) == {"nightly", "manual", "flywheel"}
+    assert set(deployments) == {"nightly", "manual", "flywheel", "gpu", "gpu-k8s"}
     flows = {name: load_flow_from_entrypoint(str(REPO / d["entrypoint"])) for name, d in deployments.items()}
     assert flows["nightly"].name == "morer1-pipeline" and flows["manual"].name == "morer1-promote"
     # the promoter's worker alone holds the credentials that may move champion: promotion has its own pool
     pools = {name: d["work_pool"]["name"] for name, d in deployments.items()}
-    assert pools == {"nightly": "morer1-process", "flywheel": "morer1-process", "manual": "morer1-promote"}
+    assert pools == {"nightly": "morer1-process", "flywheel": "morer1-process", "manual": "morer1-promote",
+                     "gpu": "gpu", "gpu-k8s": "gpu-k8s"}
+    # a stage deployment is named as its pool (the flow submits morer1-stage/<pool>) and its runs send heartbeats
+    for name in ("gpu", "gpu-k8s"):
+        assert flows[name].name == "morer1-stage"
+        assert int(deployments[name]["work_pool"]["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) >= 30
     for name, deployment in deployments.items():
         assert set(deployment["parameters"]) <= set(flows[name].parameters.properties)
     for name in ("nightly", "flywheel"):

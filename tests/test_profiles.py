@@ -25,8 +25,22 @@ from morer1.params import load_section, read_params
 from morer1.params import section_config as config_class
 
 PROFILES = profiles(REPO)
+BENCHMARKS = [p for p in PROFILES if p.startswith("benchmark-")]  # the others only say where stages run
+
+
 def test_there_are_profiles():
-    assert len(PROFILES) >= 4 and all(p.startswith("benchmark-") for p in PROFILES)
+    assert len(BENCHMARKS) >= 4 and set(PROFILES) - set(BENCHMARKS) == {"cluster"}
+
+
+def test_the_cluster_profile_only_places_training_stages_on_the_gpu_pool():
+    from morer1.placement import placement_config
+
+    overlay = load_profile(REPO, "cluster")
+    assert set(overlay) == {"placement"}
+    assert set_param_overrides(REPO, "cluster") == [f"+placement.pools.{s}='gpu'" for s in
+                                                    ("sft", "difficulty", "grpo", "evaluate")]
+    assert placement_config(REPO, overlay["placement"]).pools == dict.fromkeys(("sft", "difficulty", "grpo", "evaluate"), "gpu")
+    assert stale_keys(read_params(REPO / "params.yaml"), {"placement": {"pool": {"sft": "gpu"}}}) == ["placement.pool.sft"]
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -54,7 +68,7 @@ def test_a_profile_merged_onto_params_yaml_validates_against_every_stage_config(
         load_section(section, config_class(section), tmp_path / "params.yaml")
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", BENCHMARKS)
 def test_a_profile_is_a_benchmark_run_on_gpus(profile):
     """What the overlay must get right for the real benchmark (checked on the merged params)."""
     from accelerate.commands.config.config_args import load_config_from_file

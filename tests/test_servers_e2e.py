@@ -80,7 +80,7 @@ def test_pipeline_and_promotion_against_real_mlflow_and_prefect_servers(tmp_path
         prefect = [str(BIN / "prefect"), "--no-prompt"]
         _run(prefect + ["work-pool", "create", "morer1-process", "--type", "process"], project, env)
         _run(prefect + ["work-pool", "create", "morer1-promote", "--type", "process"], project, env)
-        _run(prefect + ["deploy", "--all"], project, env)
+        _run(prefect + ["deploy", "--name", "nightly", "--name", "manual", "--name", "flywheel"], project, env)
         _run(prefect + ["deployment", "run", "morer1-promote/manual"], project, env)
         _run(prefect + ["worker", "start", "--pool", "morer1-promote", "--run-once"], project, env)
 

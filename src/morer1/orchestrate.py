@@ -54,8 +54,8 @@ class StageFailed(Exception):
 
     def __init__(self, stage: str, exit_code: int | None, log_tail: str):
         self.stage, self.exit_code, self.log_tail = stage, exit_code, log_tail
-        what = {EXIT_GATE_FAILED: "data validation failed", EXIT_BAD_INPUT: "bad input or params"}.get(
-            exit_code, f"exit code {exit_code}")
+        what = {EXIT_GATE_FAILED: "data validation failed", EXIT_BAD_INPUT: "bad input or params",
+                None: "no exit code"}.get(exit_code, f"exit code {exit_code}")
         super().__init__(f"stage '{stage}' failed ({what}):\n{log_tail}")
 
     @property
@@ -298,11 +298,14 @@ def _leaves(overlay: dict, prefix: tuple[str, ...] = ()):
 
 
 def stale_keys(params: dict, overlay: dict) -> list[str]:
-    """Dotted keys the overlay sets that params.yaml does not have (a profile may change keys, not add them)."""
+    """Dotted keys the overlay sets that params.yaml does not have (a profile may change keys, not add them; under
+    a mapping that params.yaml leaves empty, such as `placement.pools`, it may)."""
     stale = []
     for path, _ in _leaves(overlay):
         node = params
         for key in path:
+            if isinstance(node, dict) and not node:
+                break
             if not isinstance(node, dict) or key not in node:
                 stale.append(".".join(path))
                 break
@@ -342,11 +345,21 @@ def set_param_overrides(project_dir: str | Path, profile: str) -> list[str]:
     from morer1.params import read_params
 
     overlay = load_profile(project_dir, profile)
-    stale = stale_keys(read_params(Path(project_dir) / "params.yaml"), overlay)
+    params = read_params(Path(project_dir) / "params.yaml")
+    stale = stale_keys(params, overlay)
     if stale:
         raise BadInputError(f"profile {profile}: keys not in params.yaml: {', '.join(stale)}")
-    return [f"{'.'.join(path)}={_hydra_value(value, f'profile {profile}: ' + '.'.join(path))}"
-            for path, value in _leaves(overlay)]
+    return [f"{'' if _has(params, path) else '+'}{'.'.join(path)}="  # `+`: a key added under an empty mapping
+            f"{_hydra_value(value, f'profile {profile}: ' + '.'.join(path))}" for path, value in _leaves(overlay)]
+
+
+def _has(params: dict, path: tuple[str, ...]) -> bool:
+    node = params
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
 
 
 def experiment_name(profile: str, when: datetime | None = None) -> str:

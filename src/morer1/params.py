@@ -27,6 +27,7 @@ SECTIONS = {
     "evaluate": "morer1.evaluate:EvaluateConfig",
     "register": "morer1.registry:RegisterConfig",
     "flywheel": "morer1.flywheel:FlywheelConfig",
+    "placement": "morer1.placement:PlacementConfig",
 }
 
 
