@@ -467,13 +467,14 @@ def output_digest(out: Path) -> str:
 MIXED_DIGEST = "3e984a1d6b0ab3afcc7fbeecad82ec1b71be5409316098663ed0d8627a0f3932"
 
 
-def test_streaming_ingest_writes_what_the_ingest_that_held_every_fact_wrote(tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [0, 3])
+def test_streaming_ingest_writes_what_the_ingest_that_held_every_fact_wrote(tmp_path, monkeypatch, workers):
     monkeypatch.chdir(tmp_path)
     src = mixed_source(Path("src"))
     parsed_slowly = []
     literal_eval = ast.literal_eval
     monkeypatch.setattr(ast, "literal_eval", lambda text: parsed_slowly.append(text) or literal_eval(text))
-    summary = ingest("src", "out", IngestConfig(max_reject_fraction=1.0))
+    summary = ingest("src", "out", IngestConfig(max_reject_fraction=1.0, workers=workers))
     assert output_digest(Path("out")) == MIXED_DIGEST
     assert summary["facts"] == {"train": 50, "dev": 5, "test": 4} and summary["rejects"] == 13
     lines = (src / "txt" / "train.txt").read_text(encoding="utf-8").splitlines()
@@ -546,3 +547,74 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path):
     spread = [_traced_peak(_photo_grouped_source(tmp_path / f"spread{n}", n, per_photo=6), tmp_path / f"s{n}")
               for n in sizes]
     assert (spread[1] - spread[0]) / (sizes[1] - sizes[0]) < 800, spread  # bytes per added fact
+
+
+@pytest.fixture(scope="module")
+def demo_source(tmp_path_factory) -> Path:
+    """A small demo dataset (~400 facts; each object box shared by the facts of its title's entities)."""
+    from configs import small_config
+
+    from morer1.demo_data import DemoDataConfig, generate_demo
+
+    src = tmp_path_factory.mktemp("demo") / "more"
+    generate_demo(src, small_config(DemoDataConfig, train_pairs=60))
+    return src
+
+
+def test_writer_threads_write_the_bytes_the_reading_thread_writes(tmp_path, monkeypatch, demo_source):
+    """The crops and photos are written by `ingest.workers` threads, not by the thread that reads the lines, and
+    every output file is the same bytes for 0, 1 and 3 workers; each crop is the file `Image.save` wrote for it
+    before the writers (one save per fact), each photo the source's bytes."""
+    import threading
+
+    import morer1.ingest
+    from morer1.files import folder_sha256
+
+    ran = []  # (thread that ran a batch of writes, files in the batch)
+    write_files = morer1.ingest._write_files
+    monkeypatch.setattr(morer1.ingest, "_write_files",
+                        lambda jobs: ran.append((threading.current_thread().name, len(jobs))) or write_files(jobs))
+    digests = {}
+    for workers in (0, 1, 3):
+        ran.clear()
+        out = tmp_path / f"w{workers}"
+        summary = ingest(demo_source, out, IngestConfig(max_reject_fraction=1.0, workers=workers))
+        digests[workers] = folder_sha256(out)
+        files = sum(1 for p in (out / "crops").rglob("*") if p.is_file())
+        files += sum(1 for p in (out / "images").rglob("*") if p.is_file())
+        assert files > sum(summary["facts"].values()) > 300 and sum(n for _, n in ran) == files and len(ran) > 4
+        threads = {name for name, _ in ran}
+        if workers:
+            assert threading.current_thread().name not in threads and all(
+                name.startswith("ingest-writer") for name in threads), threads
+        else:
+            assert threads == {threading.current_thread().name}
+    assert digests[0] == digests[1] == digests[3]
+    out, reference = tmp_path / "w3", tmp_path / "reference.png"
+    for split, split_file in (("train", "train"), ("dev", "valid"), ("test", "test")):
+        for rec in read_jsonl(out / f"{split}.jsonl"):
+            source = demo_source / "img_org" / split_file / rec["img_id"]
+            with Image.open(source) as photo:
+                photo.convert("RGB").crop(rec["object"]["box"]).save(reference)
+            assert (out / rec["object"]["crop"]).read_bytes() == reference.read_bytes(), rec["id"]
+            assert (out / rec["image"]).read_bytes() == source.read_bytes()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_failed_write_names_the_line_and_the_file_and_leaves_nothing_behind(tmp_path, monkeypatch, workers):
+    import morer1.ingest
+
+    src = _photo_grouped_source(tmp_path / "src", 200, per_photo=6)
+    write_bytes = morer1.ingest._write_bytes
+
+    def disk_full_at_line_150(path, data):
+        if path.endswith("/train-000150.png"):
+            raise OSError(28, "No space left on device")
+        write_bytes(path, data)
+
+    monkeypatch.setattr(morer1.ingest, "_write_bytes", disk_full_at_line_150)
+    with pytest.raises(OSError, match="No space left on device") as failed:
+        ingest(src, tmp_path / "out", IngestConfig(max_reject_fraction=1.0, workers=workers))
+    assert failed.value.__notes__ == [f"while writing the object crop of {src}/txt/train.txt:150 to "
+                                      f"{tmp_path}/out.partial/crops/train/train-000150.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.rejects.jsonl", "src"]  # no out, no out.partial

@@ -7,13 +7,16 @@ Nothing in the data is executed: text lines are read as Python literals (`fast_l
 
 The stage streams: lines are read, checked and written one at a time (facts and rejects go to files as they
 come), each photo is decoded once for the facts that follow it, and what is kept in memory is counters and,
-per image, its distinct entity spans and object names (for `pair_entities` / `pair_objects`).
+per image, its distinct entity spans and object names (for `pair_entities` / `pair_objects`). The object crops
+(PNG) and the photos are written by `ingest.workers` threads (`FileWriter`) while the next lines are read; what is
+written does not depend on how many.
 """
 
 from __future__ import annotations
 
 import ast
 import functools
+import io
 import json
 import math
 import os
@@ -21,7 +24,8 @@ import re
 import shutil
 import sys
 import warnings
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +44,7 @@ SHOW_CHARS = 120  # longest value quoted in a reject reason
 DECODED_PHOTOS = 4  # decoded photos kept for the facts that follow them
 REFUSED_PHOTOS = 4096  # refused photos remembered with their reason
 MAX_BRACKETS = 100  # lines with more go to `ast.literal_eval`, whose parser refuses 200 nested ones
+WRITE_BATCH = 64  # files (crops, photos) handed to a writer thread at once
 
 
 class IngestConfig(StageConfig):
@@ -52,6 +57,11 @@ class IngestConfig(StageConfig):
     box_tolerance: float = Field(
         0.02, ge=0.0, le=0.5,
         description="A box may leave the image by this fraction of the image side; it is then clipped.",
+    )
+    workers: int = Field(
+        2, ge=0, le=64,
+        description="Threads that write the object crops (PNG) and the photos while the lines are read; 0: the "
+                    "reading thread writes them. The output is the same bytes for any value.",
     )
 
 
@@ -238,11 +248,12 @@ def parse_entity(record: dict) -> tuple[list[str], dict]:
     return tokens, {"name": name or " ".join(tokens[start:end]), "start": start, "end": end}
 
 
-def image_path(source: Path, split_file: str, img_id) -> Path:
-    """Path of an image, confined to `img_org/<split>/`; Reject if it would leave that folder."""
+def image_path(source: Path, split_file: str, img_id, folder: Path | None = None) -> Path:
+    """Path of an image, confined to `img_org/<split>/`; Reject if it would leave that folder. `folder`: that
+    folder resolved, if the caller has it."""
     if not isinstance(img_id, str) or not img_id or "\x00" in img_id:
         raise Reject("image_path", f"img_id must be a non-empty string, got {show(img_id)}")
-    folder = (source / "img_org" / split_file).resolve()
+    folder = folder or (source / "img_org" / split_file).resolve()
     path = (folder / img_id).resolve()
     if path.parent != folder:
         raise Reject("image_path", f"image path {show(img_id)} leaves img_org/{split_file}/")
@@ -275,7 +286,14 @@ class Photos:
     def __init__(self):
         self._decoded: OrderedDict = OrderedDict()
         self._refused: OrderedDict = OrderedDict()
-        self._paths = functools.lru_cache(maxsize=REFUSED_PHOTOS)(image_path)
+        self._paths = functools.lru_cache(maxsize=REFUSED_PHOTOS)(self._image_path)
+        self._folders: dict = {}
+
+    def _image_path(self, source: Path, split_file: str, img_id) -> Path:
+        folder = self._folders.get((source, split_file))
+        if folder is None:  # resolved once a run (each component costs a system call)
+            folder = self._folders[source, split_file] = (source / "img_org" / split_file).resolve()
+        return image_path(source, split_file, img_id, folder)
 
     def path(self, source: Path, split_file: str, img_id) -> Path:
         """`image_path`, resolved once for the facts of a photo."""
@@ -299,6 +317,97 @@ class Photos:
         if len(cache) > size:
             cache.popitem(last=False)
         return self.get(key, path)
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    """Create the file `path` holding `data`: what `open(path, "wb").write(data)` does (same mode and bytes) without
+    the buffered file object, whose set-up costs about as much as creating the file (one per fact)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def _write_files(jobs: list) -> None:
+    """Do each job (what, source line, target file, value): "crop" writes the value, a crop image, as PNG (once
+    per image: the facts of one object share it), "copy" copies the photo at the value's path. An error names the
+    source line and the file."""
+    encoded: dict = {}  # id of a crop image of `jobs` -> its PNG bytes
+    for what, where, target, value in jobs:
+        try:
+            if what == "crop":
+                data = encoded.get(id(value))
+                if data is None:
+                    buffer = io.BytesIO()
+                    value.save(buffer, format="PNG")  # the bytes `value.save(target)` writes
+                    data = encoded[id(value)] = buffer.getvalue()
+                _write_bytes(target, data)
+            else:
+                shutil.copyfile(value, target)
+        except Exception as exc:
+            exc.add_note(f"while writing the {'object crop' if what == 'crop' else 'photo'} of {where} to {target}")
+            raise
+
+
+class FileWriter:
+    """The object crops (PNG) and photo copies of a run, written in batches of WRITE_BATCH files: by `workers`
+    threads while the caller reads on (Pillow encodes and the kernel creates files without holding the GIL), at
+    most 2 batches a thread in flight, so memory does not follow the corpus; with 0 workers by the calling thread
+    when a batch is full. A crop is cut and encoded once for the facts of a batch that share its photo and box.
+    Every file is written by one job, so the order the threads write them in changes no byte. The first error of
+    a writer is raised in the calling thread by an `add_*` or the `finish` after it; leaving the `with` block waits
+    for the threads (none still writes into the folder a failed run removes)."""
+
+    def __init__(self, workers: int):
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ingest-writer") if workers else None
+        self._window = 2 * workers
+        self._batch: list = []
+        self._crops: dict = {}  # (photo, box) -> its crop image, for the batch
+        self._in_flight: deque = deque()
+
+    def add_crop(self, where: str, target: str, photo, pixels, box: list[int]) -> None:
+        """Write the crop `box` of `pixels`, the RGB image of `photo` (a key), to `target` as PNG."""
+        key = (photo, *box)
+        crop = self._crops.get(key)
+        if crop is None:
+            crop = self._crops[key] = pixels.crop(box)
+        self._add(("crop", where, target, crop))
+
+    def add_copy(self, where: str, target: Path, path: Path) -> None:
+        """Copy the photo at `path` to `target`."""
+        self._add(("copy", where, target, path))
+
+    def _add(self, job: tuple) -> None:
+        self._batch.append(job)
+        if len(self._batch) >= WRITE_BATCH:
+            self._submit()
+
+    def _submit(self) -> None:
+        batch, self._batch, self._crops = self._batch, [], {}
+        if self._pool is None:
+            _write_files(batch)
+            return
+        if batch:
+            self._in_flight.append(self._pool.submit(_write_files, batch))
+        while len(self._in_flight) > self._window:
+            self._in_flight.popleft().result()
+
+    def finish(self) -> None:
+        """Write what is left and wait for every file; raise the first error of a writer."""
+        self._submit()
+        while self._in_flight:
+            self._in_flight.popleft().result()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._batch, self._crops = [], {}
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _torch_refusal(exc: Exception) -> str:
@@ -389,10 +498,10 @@ class Rejects:
         self._file.close()
 
 
-def _ingest_split(source, split_file, labels, captions, cfg, photos, staging, rejects):
+def _ingest_split(source, split_file, labels, captions, cfg, photos, staging, rejects, writer):
     """Write the good facts of one split, without their pair counts, to `<split>.jsonl.pass1` in `staging`, with
-    their crops and photos; rejected lines go to `rejects`. Returns that file, the number of facts, their labels
-    and, per image, its distinct entity spans and object names."""
+    their crops and photos (written by `writer`, a FileWriter); rejected lines go to `rejects`. Returns that file, the
+    number of facts, their labels and, per image, its distinct entity spans and object names."""
     split = SPLITS[split_file]
     txt = source / "txt" / f"{split_file}.txt"
     if not txt.is_file():
@@ -425,9 +534,10 @@ def _ingest_split(source, split_file, labels, captions, cfg, photos, staging, re
                 continue
             fact_id = f"{split}-{lineno:06d}"
             crop_rel = f"crops/{split}/{fact_id}.png"
-            pixels.crop(box).save(f"{staging}/{crop_rel}")
+            where = f"{txt}:{lineno}"
+            writer.add_crop(where, f"{staging}/{crop_rel}", info.path, pixels, box)
             if record["img_id"] not in pairs:  # the photo's first fact: copy the photo
-                shutil.copyfile(info.path, staging / "images" / split / record["img_id"])
+                writer.add_copy(where, staging / "images" / split / record["img_id"], info.path)
             obj_name = t.get("name", "")
             types = type_pair(relation)
             out.write(json.dumps({
@@ -546,16 +656,18 @@ def _ingest_into(source: Path, staging: Path, cfg: IngestConfig, pending: Path, 
     summary: dict = {"source": str(source), "facts": {}, "lines": {}, "labels": {}}
     rejects = Rejects(pending)
     try:
-        for split_file, split in SPLITS.items():
-            pth = source / f"ent_{split_file}_dict.pth"
-            object_dict = load_object_dict(pth) if pth.exists() else {}
-            before = len(rejects)
-            pass1, n_facts, relations, pairs = _ingest_split(source, split_file, labels, captions, cfg, photos,
-                                                             staging, rejects)
-            _add_pair_counts(pass1, staging / f"{split}.jsonl", pairs, object_dict)
-            summary["facts"][split] = n_facts
-            summary["lines"][split] = n_facts + len(rejects) - before
-            summary["labels"][split] = dict(sorted(relations.items()))
+        with FileWriter(cfg.workers) as writer:  # on any error, waits for its threads before the caller cleans up
+            for split_file, split in SPLITS.items():
+                pth = source / f"ent_{split_file}_dict.pth"
+                object_dict = load_object_dict(pth) if pth.exists() else {}
+                before = len(rejects)
+                pass1, n_facts, relations, pairs = _ingest_split(source, split_file, labels, captions, cfg, photos,
+                                                                 staging, rejects, writer)
+                _add_pair_counts(pass1, staging / f"{split}.jsonl", pairs, object_dict)
+                summary["facts"][split] = n_facts
+                summary["lines"][split] = n_facts + len(rejects) - before
+                summary["labels"][split] = dict(sorted(relations.items()))
+            writer.finish()
     finally:
         rejects.close()
 
