@@ -207,6 +207,14 @@ def test_training_stages_run_on_the_gpu_pool_and_a_killed_worker_resumes(tmp_pat
     assert not listening(mlflow_port) and not listening(prefect_port)
 
 
+def _failed_flow_last_line(clone: Path, env: dict) -> str:
+    """Run the pipeline flow as `make run` does; it must fail: the last line it printed."""
+    flow = subprocess.run([sys.executable, "flows/pipeline.py"], cwd=clone, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert flow.returncode != 0, flow.stdout[-3000:]
+    return flow.stderr.strip().splitlines()[-1]
+
+
 def test_a_stage_that_no_worker_takes_fails_the_flow_in_one_line_naming_the_pool(tmp_path):
     mlflow_port, prefect_port = free_port(), free_port()
     mlflow_uri, api = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{prefect_port}/api"
@@ -230,10 +238,7 @@ def test_a_stage_that_no_worker_takes_fails_the_flow_in_one_line_naming_the_pool
         _run(prefect + ["work-pool", "create", "gpu", "--type", "process"], clone, env)
         _run(prefect + ["deploy", "--name", "gpu"], clone, env)  # a deployment, but no worker on its pool
 
-        flow = subprocess.run([sys.executable, "flows/pipeline.py"], cwd=clone, env=env, capture_output=True,
-                              text=True, timeout=900)
-        assert flow.returncode != 0
-        assert flow.stderr.strip().splitlines()[-1] == (
+        assert _failed_flow_last_line(clone, env) == (
             "morer1 pipeline: stage demo_data: no worker of work pool 'gpu' started it within 15 s (deployment "
             "morer1-stage/gpu); start one: prefect worker start --pool gpu")
         [stage_run] = _api(api, "POST", "/flow_runs/filter", json={"flows": {"name": {"any_": ["morer1-stage"]}}})
@@ -246,10 +251,7 @@ def test_a_stage_that_no_worker_takes_fails_the_flow_in_one_line_naming_the_pool
         params["placement"]["pools"] = {"demo_data": "nowhere"}
         (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         _git(clone, "commit", "-qam", "a pool without a deployment")
-        flow = subprocess.run([sys.executable, "flows/pipeline.py"], cwd=clone, env=env, capture_output=True,
-                              text=True, timeout=900)
-        assert flow.returncode != 0
-        assert flow.stderr.strip().splitlines()[-1] == (
+        assert _failed_flow_last_line(clone, env) == (
             "morer1 pipeline: stage demo_data: the Prefect server has no deployment morer1-stage/nowhere; deploy it "
             "from the checkout that pool's workers use: prefect deploy --name nowhere")
     finally:
