@@ -183,7 +183,7 @@ def _run_pipeline(project_dir: str, stages: list[str] | None, profile: str | Non
                         results.append(run_remote_stage(project_dir, stage, pools[stage], run.info.run_id,
                                                         settings.model_dump()) if stage in pools else
                                        run_stage(project_dir, stage, run.info.run_id))
-                    except StageFailed as exc:
+                    except (StageFailed, placement.PoolUnavailable) as exc:  # recorded as the failed stage
                         results.append({"stage": stage, "status": "failed", "seconds": None})
                         mlflow.set_tag("morer1.failed_stage", stage)
                         mlflow.log_text(str(exc), "failure.txt")

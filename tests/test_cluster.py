@@ -245,6 +245,12 @@ def test_a_stage_that_no_worker_takes_fails_the_flow_in_one_line_naming_the_pool
         assert stage_run["state_type"] == "CANCELLED"  # a worker that starts later does not run it behind the flow
         [task_run] = _api(api, "POST", "/task_runs/filter", json={"task_runs": {"name": {"like_": "dvc-demo_data"}}})
         assert task_run["run_count"] == 1  # not retried
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=mlflow_uri)
+        [parent] = [r for r in client.search_runs([client.get_experiment_by_name("morer1").experiment_id])
+                    if r.info.run_name == "pipeline"]
+        assert parent.data.tags["morer1.failed_stage"] == "demo_data" and parent.info.status == "FAILED"
         assert not (clone / "data" / "demo").exists()
 
         params = yaml.safe_load((clone / "params.yaml").read_text())
