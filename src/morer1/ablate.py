@@ -29,7 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from morer1.errors import BadInputError
@@ -93,17 +92,10 @@ def load_grid(path: str | Path, project_dir: str | Path, profile: str | None = N
     """The grid file and its cells, every cell checked before anything runs: each key a row or seed key sets
     exists in params.yaml and each cell's params validate against the stage configs (BadInputError naming the file,
     the row and the reason). `profile` replaces the grid's own."""
-    from morer1.params import read_params, section_config
+    from morer1.params import read_params, read_yaml_mapping, section_config
 
     path, project = Path(path), Path(project_dir)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise BadInputError(f"{path}: no such grid file") from exc
-    except yaml.YAMLError as exc:
-        raise BadInputError(f"{path}: not YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise BadInputError(f"{path}: a grid file is a mapping (name, seeds, seed_keys, rows)")
+    raw = read_yaml_mapping(path, "grid file", "a grid file is a mapping (name, seeds, seed_keys, rows)")
     try:
         grid = Grid(**raw)
     except ValidationError as exc:

@@ -44,18 +44,24 @@ class ParamsError(BadInputError, ValueError):
     """params.yaml is missing, unreadable, or a section does not match its config."""
 
 
-def read_params(path: str | Path = DEFAULT_PARAMS) -> dict:
-    """The whole params file as a dict."""
+def read_yaml_mapping(path: str | Path, what: str, shape: str, error: type[Exception] = BadInputError) -> dict:
+    """A YAML file whose top level is a mapping; `error` naming the file when it is missing, not YAML, or another
+    shape (`what`: the kind of file, `shape`: what its top level must be)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise ParamsError(f"{path}: params file not found") from exc
+        raise error(f"{path}: {what} not found") from exc
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+        raise error(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise ParamsError(f"{path}: top level must be a mapping of stage sections")
+        raise error(f"{path}: {shape}")
     return data
+
+
+def read_params(path: str | Path = DEFAULT_PARAMS) -> dict:
+    """The whole params file as a dict."""
+    return read_yaml_mapping(path, "params file", "top level must be a mapping of stage sections", ParamsError)
 
 
 def section_config(section: str) -> type[StageConfig]:
