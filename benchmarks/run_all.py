@@ -44,7 +44,8 @@ def main() -> None:
     suffix = "-quick" if args.quick else ""
     parts = [f"# Benchmarks{' (quick sizes)' if args.quick else ''}\n",
              f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gb']} GB RAM, Python {m['python']}, "
-             f"OMP_NUM_THREADS={m['omp_num_threads']}; {m['date_utc']}.\n"]
+             f"OMP_NUM_THREADS={m['omp_num_threads']}, libraries compiled to bytecode: "
+             f"{'yes' if m['libraries_compiled'] else 'NO (every import compiles from source)'}; {m['date_utc']}.\n"]
     for name in BENCHMARKS:
         path = REPORTS / f"{name}{suffix}.json"
         if not path.exists():
