@@ -211,3 +211,41 @@ def test_resuming_a_checkpoint_names_the_run_that_wrote_it_and_ends_it(tmp_path)
     with tracking.stage_run("sft") as third:
         assert tracking.link_resumed_run(folder, resuming=False) is None  # a fresh start resumes nothing
     assert tracking.RESUMED_TAG not in _run(third.info.run_id).data.tags
+
+
+def test_a_lost_tracking_server_ends_the_command_in_one_line_with_a_retryable_exit_code(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """A training stage whose tracking server does not answer (a closed loopback port, so a real refused
+    connection) fails in one line naming the server and the kept checkpoints, exit code 1, recorded for the
+    orchestrator, which retries it; no traceback of the HTTP client."""
+    import json
+
+    from morer1 import cli
+    from morer1.orchestrate import StageFailed
+    from morer1.sft import SFTConfig
+    from morer1.training import main_process_run
+    from servers import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MORER1_EXIT_FILE", str(tmp_path / "exit.json"))
+    config = small_config(SFTConfig, model="models/tiny", checkpoint_dir=str(tmp_path / "ckpt"))
+    entered = []
+
+    def stage(args):
+        with main_process_run("sft", config):
+            entered.append(True)
+
+    monkeypatch.setattr(cli, "cmd_sft", stage)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["sft", "--data", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert exc.value.code == 1 and not entered
+    err = capsys.readouterr().err
+    kept = (tmp_path / "ckpt" / "sft").resolve()
+    assert err == (f"morer1 sft: error: TrackingServerLost: the MLflow tracking server {uri} stopped answering "
+                   f"during stage 'sft' (ConnectionError); the checkpoints written so far stay in {kept}: rerun "
+                   "when the server is back to resume from the last one\n")
+    recorded = json.loads((tmp_path / "exit.json").read_text())
+    assert recorded["exit_code"] == 1 and uri in recorded["message"]
+    assert StageFailed("sft", recorded["exit_code"], err).transient

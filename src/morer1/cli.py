@@ -10,8 +10,10 @@ from pathlib import Path
 from morer1.errors import (
     EXIT_BAD_INPUT,
     EXIT_GATE_FAILED,
+    EXIT_TRANSIENT,
     BadInputError,
     GateFailedError,
+    TrackingServerLost,
     record_exit,
 )
 from morer1.params import StageConfig, describe, load_section, section_config
@@ -347,6 +349,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"morer1 {args.command}: validation failed:\n{exc}", file=sys.stderr)
         record_exit(EXIT_GATE_FAILED, str(exc))
         sys.exit(EXIT_GATE_FAILED)
+    except TrackingServerLost as exc:  # one line, not the HTTP client's traceback; the orchestrator retries it
+        print(f"morer1 {args.command}: error: TrackingServerLost: {exc}", file=sys.stderr)
+        record_exit(EXIT_TRANSIENT, str(exc))
+        sys.exit(EXIT_TRANSIENT)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_GATE_FAILED = 3
+EXIT_TRANSIENT = 1  # any other failure: the orchestrator retries the stage
 EXIT_FILE_ENV = "MORER1_EXIT_FILE"  # where the morer1 CLI records its exit code and reason (`record_exit`)
 
 
@@ -15,6 +16,10 @@ class BadInputError(Exception):
 
 class GateFailedError(Exception):
     """A data-validation gate failed: nothing downstream may run (exit code 3)."""
+
+
+class TrackingServerLost(RuntimeError):
+    """The MLflow tracking server stopped answering during a stage: a rerun may succeed (exit code 1, retried)."""
 
 
 def record_exit(code: int, message: str) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import Field
 
 from morer1 import tracking
-from morer1.errors import BadInputError
+from morer1.errors import BadInputError, TrackingServerLost
 from morer1.files import swap_in
 from morer1.params import StageConfig
 from morer1.prompt import write_prompt_name
@@ -345,10 +345,6 @@ def main_process_run(stage: str, config: TrainingSettings) -> Iterator[bool]:
             f"the MLflow tracking server {tracking.tracking_uri()} stopped answering during stage '{stage}' "
             f"({type(cause).__name__}); the checkpoints written so far stay in {kept}: "
             "rerun when the server is back to resume from the last one") from None
-
-
-class TrackingServerLost(RuntimeError):
-    """The MLflow tracking server stopped answering during a training stage (a rerun may succeed: not bad input)."""
 
 
 def _unreachable_server(exc: BaseException | None) -> BaseException | None:
