@@ -25,7 +25,6 @@ from morer1.orchestrate import (
     StageFailed,
     experiment_name,
     experiment_stage_results,
-    load_profile,
     pipeline_lock,
     plan_pipeline,
     repro_stage,
@@ -141,8 +140,7 @@ def _run_pipeline(project_dir: str, stages: list[str] | None, profile: str | Non
     logger = get_run_logger()
     mlflow = tracking.setup()
     overrides = set_param_overrides(project_dir, profile) if profile else []  # a stale key stops here
-    settings = placement.placement_config(project_dir, load_profile(project_dir, profile).get("placement")
-                                          if profile else None)
+    settings = placement.placement_config(project_dir, profile)
     overrides = [o for o in overrides if not o.lstrip("+").startswith("placement.")]  # where, not what
     plan = _PLANS.pop((project_dir, tuple(stages or ())), None) or plan_pipeline(project_dir, stages)
     pools = placement.remote_stages(project_dir, settings, plan.stages, bool(overrides), mlflow.get_tracking_uri())

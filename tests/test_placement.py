@@ -125,3 +125,21 @@ def test_remote_stages_are_checked_before_anything_runs():
         placement.remote_stages(REPO, config, ["sft"], True, http)
     with pytest.raises(BadInputError, match="MLflow tracks into sqlite:///x.db"):
         placement.remote_stages(REPO, config, ["sft"], False, "sqlite:///x.db")
+
+
+def test_a_profiles_placement_adds_its_pools_and_a_bad_one_is_refused_naming_the_profile(tmp_path):
+    from morer1.params import ParamsError
+
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "params.yaml").write_text("placement:\n  pools: {evaluate: cpu-big}\n  poll_s: 2\n")
+    (tmp_path / "profiles" / "gpu.yaml").write_text("placement:\n  pools: {sft: gpu}\n  pickup_timeout_s: 30\n")
+    config = placement.placement_config(tmp_path, "gpu")
+    assert config.pools == {"evaluate": "cpu-big", "sft": "gpu"}
+    assert (config.pickup_timeout_s, config.poll_s) == (30, 2)
+    assert placement.placement_config(tmp_path).pools == {"evaluate": "cpu-big"}
+    bad = tmp_path / "profiles" / "bad.yaml"
+    for text, reason in (("placement:\n  poll_s: soon\n", "poll_s"), ("placement:\n  pools: [sft]\n", "pools"),
+                         ("placement: gpu\n", "expected a mapping, got str")):
+        bad.write_text(text)
+        with pytest.raises(ParamsError, match=f"{bad}: section 'placement': (.|\\n)*{reason}"):
+            placement.placement_config(tmp_path, "bad")

@@ -39,7 +39,7 @@ def test_the_cluster_profile_only_places_training_stages_on_the_gpu_pool():
     assert set(overlay) == {"placement"}
     assert set_param_overrides(REPO, "cluster") == [f"+placement.pools.{s}='gpu'" for s in
                                                     ("sft", "difficulty", "grpo", "evaluate")]
-    assert placement_config(REPO, overlay["placement"]).pools == dict.fromkeys(("sft", "difficulty", "grpo", "evaluate"), "gpu")
+    assert placement_config(REPO, "cluster").pools == dict.fromkeys(("sft", "difficulty", "grpo", "evaluate"), "gpu")
     assert stale_keys(read_params(REPO / "params.yaml"), {"placement": {"pool": {"sft": "gpu"}}}) == ["placement.pool.sft"]
 
 

@@ -47,12 +47,28 @@ class PoolUnavailable(Exception):
     retry would wait for the same pool)."""
 
 
-def placement_config(project_dir: str | Path, overlay: dict | None = None) -> PlacementConfig:
-    """The project's `placement` section, with a profile's `placement` overlay on top."""
-    from morer1.params import load_section
+def placement_config(project_dir: str | Path, profile: str | None = None) -> PlacementConfig:
+    """The project's `placement` section, with the `placement` of `profiles/<profile>.yaml` on top (its `pools`
+    added to those of params.yaml, as DVC merges the profile's keys); ParamsError naming the profile if it is bad."""
+    from pydantic import ValidationError
+
+    from morer1.orchestrate import load_profile
+    from morer1.params import ParamsError, load_section
 
     base = load_section("placement", PlacementConfig, Path(project_dir) / "params.yaml")
-    return PlacementConfig(**{**base.model_dump(), **(overlay or {})}) if overlay else base
+    overlay = load_profile(project_dir, profile).get("placement") if profile else None
+    if overlay is None:
+        return base
+    where = Path(project_dir) / "profiles" / f"{profile}.yaml"
+    if not isinstance(overlay, dict):
+        raise ParamsError(f"{where}: section 'placement': expected a mapping, got {type(overlay).__name__}")
+    values = {**base.model_dump(), **overlay}
+    if isinstance(overlay.get("pools"), dict):
+        values["pools"] = {**base.pools, **overlay["pools"]}
+    try:
+        return PlacementConfig(**values)
+    except ValidationError as exc:
+        raise ParamsError(f"{where}: section 'placement': {exc}") from exc
 
 
 # --- the checkout both sides must share ----------------------------------------------------------------------
