@@ -9,9 +9,11 @@ Cells run one after the other; a failed cell is a line of the table and the othe
 from __future__ import annotations
 
 import argparse
+import sys
+from contextlib import nullcontext
 from pathlib import Path
 
-from morer1.orchestrate import StageFailed, set_env_defaults
+from morer1.orchestrate import PipelineLocked, StageFailed, pipeline_lock, set_env_defaults
 
 PROJECT = Path(__file__).resolve().parent.parent
 set_env_defaults(PROJECT)
@@ -59,4 +61,8 @@ if __name__ == "__main__":
     parser.add_argument("--force", action="store_true", help="run every cell again")
     parser.add_argument("--from-dvc", action="store_true", help="run nothing: read the cells' DVC experiments")
     args = parser.parse_args()
-    print(ablation(args.project_dir, args.grid, args.profile, args.force, args.from_dvc))
+    try:  # before the flow starts: a pipeline run or another grid in this checkout stops this one in one line
+        with pipeline_lock(args.project_dir, "ablation run") if not args.from_dvc else nullcontext():
+            print(ablation(args.project_dir, args.grid, args.profile, args.force, args.from_dvc))
+    except PipelineLocked as exc:
+        sys.exit(f"morer1 ablate: {exc}")

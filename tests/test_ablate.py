@@ -24,6 +24,7 @@ from morer1.ablate import (
     write_table,
 )
 from morer1.errors import BadInputError
+from morer1.orchestrate import PipelineLocked, StageFailed
 
 GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
 
@@ -261,6 +262,60 @@ def test_each_cell_is_a_dvc_experiment_and_an_mlflow_run_and_a_failed_cell_is_a_
     forced = run(grid, cells[:1], project, tmp_path / "forced", force=True)
     assert forced["cells"][0]["status"] == "ran"
     assert forced["cells"][0]["grpo_dev_f1"] == by_cell["toy-two-s0"]["grpo_dev_f1"]
+
+
+
+def _try_lock(project) -> str:
+    """What another process hears when it asks for the project's pipeline lock."""
+    code = ("from morer1.orchestrate import PipelineLocked, pipeline_lock\n"
+            f"try:\n    with pipeline_lock({str(project)!r}):\n        print('free')\n"
+            "except PipelineLocked as exc:\n    print(exc)\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_a_grid_holds_the_pipeline_lock_and_stops_at_once_while_another_run_holds_it(tmp_path, monkeypatch):
+    """Fault: a pipeline run (or another grid) in the same checkout. Promise: the grid stops before any cell, in one
+    line naming the holder; while a grid runs, a pipeline run is refused, told that an ablation holds the lock."""
+    import mlflow
+
+    from morer1 import ablate, cli
+
+    project = toy_project(tmp_path / "toy", TOY_DVC, "a:\n  x: 1\n  fail: false\n  seed: 0\n")
+    grid = Grid(name="toy", seeds=[0], seed_keys=["a.seed"], rows={"two": Row(params={"a": {"x": 2}})})
+    cells = [Cell("toy-two-s0", "two", 0, ("a.x=2", "a.seed=0"))]
+    heard = []
+
+    def cell_runner(project_dir, name, overrides, env):
+        heard.append(_try_lock(project_dir))
+        raise StageFailed(name, 1, "stopped by the test")
+
+    result = run(grid, cells, project, tmp_path / "out", cell_runner=cell_runner)
+    assert result["cells"][0]["status"] == "failed"
+    assert len(heard) == 1 and heard[0].startswith("another ablation run of grid 'toy' (pid ")
+    assert _try_lock(project) == "free"  # released when the grid is done
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom morer1.orchestrate import pipeline_lock\n"
+                               f"with pipeline_lock({str(project)!r}):\n    print('held', flush=True)\n"
+                               "    time.sleep(600)\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        mlflow.set_tracking_uri(f"sqlite:///{os.environ['MORER1_STATE_DIR']}/mlflow.db")
+        grids_before = len(mlflow.search_runs(experiment_names=["morer1"], output_format="list"))
+        with pytest.raises(PipelineLocked, match=rf"^another pipeline run \(pid {holder.pid}\) holds the lock "):
+            run(grid, cells, project, tmp_path / "out2", cell_runner=cell_runner)
+        assert len(heard) == 1 and not (tmp_path / "out2").exists()
+        assert len(mlflow.search_runs(experiment_names=["morer1"], output_format="list")) == grids_before
+        monkeypatch.chdir(project)  # `morer1 ablate` in the checkout: one line, exit status 1
+        monkeypatch.setattr(ablate, "load_grid", lambda *args: (grid, cells))
+        with pytest.raises(SystemExit) as stopped:
+            cli.main(["ablate"])
+        assert str(stopped.value.code).startswith(f"morer1 ablate: another pipeline run (pid {holder.pid}) holds ")
+        assert len(heard) == 1
+        # reading the cells' experiments runs nothing and needs no lock
+        assert run(grid, cells, project, tmp_path / "read", read_only=True)["cells"][0]["status"] == "failed"
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # --- the real pipeline: a 2-cell grid on a tiny demo -----------------------------------------------------------

@@ -26,6 +26,7 @@ import math
 import re
 import statistics
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +35,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from morer1.errors import BadInputError
 from morer1.orchestrate import (
     StageFailed,
-    _hydra_value,
-    _leaves,
+    hydra_value,
+    leaves,
     load_profile,
     merge_params,
+    pipeline_lock,
     run_experiment,
     stale_keys,
 )
@@ -130,8 +132,8 @@ def load_grid(path: str | Path, project_dir: str | Path, profile: str | None = N
                 except ValidationError as exc:
                     problems = "; ".join(f"{section}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
                     raise BadInputError(f"{where}, seed {seed}: {problems}") from exc
-            overrides = tuple(f"{'.'.join(keys)}={_hydra_value(value, f'{where}: ' + '.'.join(keys))}"
-                              for keys, value in _leaves(overlay))
+            overrides = tuple(f"{'.'.join(keys)}={hydra_value(value, f'{where}: ' + '.'.join(keys))}"
+                              for keys, value in leaves(overlay))
             cells.append(Cell(f"{grid.name}-{row_name}-s{seed}", row_name, seed, overrides))
     return grid, cells
 
@@ -311,10 +313,19 @@ def run(grid: Grid, cells: list[Cell], project_dir: str | Path, out_dir: str | P
     """Run each cell whose experiment is not on the current commit yet (every cell with `force`; none with
     `read_only`), read every cell's results, write the table into `out_dir/<grid>` and log it to MLflow;
     {"grid", "cells", "rows", "markdown", "files"}. A failed cell is a table line with its reason; the other cells
-    go on. `cell_runner` runs one cell (the Prefect flow passes its task)."""
+    go on. `cell_runner` runs one cell (the Prefect flow passes its task). Unless `read_only`, holds the pipeline
+    lock throughout: PipelineLocked, before anything runs, when a pipeline run or another grid holds it."""
+    project = Path(project_dir).resolve()
+    # a pipeline run or another grid in this checkout would change the workspace the cells copy, or run a cell twice
+    with nullcontext() if read_only else pipeline_lock(project, f"ablation run of grid '{grid.name}'"):
+        return _run_grid(grid, cells, project, out_dir, force, read_only, cell_runner)
+
+
+def _run_grid(grid: Grid, cells: list[Cell], project: Path, out_dir: str | Path, force: bool, read_only: bool,
+              cell_runner: Callable[[str, str, list[str], dict], dict]) -> dict:
+    """`run`'s body, under the pipeline lock unless `read_only`."""
     from morer1 import tracking
 
-    project = Path(project_dir).resolve()
     existing = existing_experiments(project)
     if force and not read_only:
         remove_experiments(project, [c.name for c in cells if c.name in existing])

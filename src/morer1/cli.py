@@ -196,12 +196,16 @@ def cmd_predict(args) -> None:
 
 def cmd_ablate(args) -> None:
     from morer1.ablate import load_grid, rebuild_from_mlflow, run
+    from morer1.orchestrate import PipelineLocked
 
     if args.from_mlflow:
         result = rebuild_from_mlflow(args.from_mlflow, Path(args.out))
     else:
         grid, cells = load_grid(args.grid, Path.cwd(), args.profile)
-        result = run(grid, cells, Path.cwd(), Path(args.out), force=args.force, read_only=args.from_dvc)
+        try:
+            result = run(grid, cells, Path.cwd(), Path(args.out), force=args.force, read_only=args.from_dvc)
+        except PipelineLocked as exc:
+            sys.exit(f"morer1 ablate: {exc}")
     print(result["markdown"])
     print(f"-> {', '.join(str(f) for f in result['files'])}")
 

@@ -72,10 +72,11 @@ _held_locks: dict[Path, int] = {}  # lock file -> how many times this process ho
 
 
 @contextmanager
-def pipeline_lock(project_dir: str | Path):
+def pipeline_lock(project_dir: str | Path, holder: str = "pipeline run"):
     """Hold the project's pipeline lock (`PIPELINE_LOCK`, an flock the kernel drops when the process dies) for a
-    whole pipeline run: DVC's repo lock is held only while one stage runs, so two runs would interleave their
-    stages. Re-entrant within a process; PipelineLocked, one line naming the holder's pid, when another holds it."""
+    whole pipeline run or ablation grid: DVC's repo lock is held only while one stage runs, so two runs would
+    interleave their stages. Re-entrant within a process; PipelineLocked, one line naming what holds it (`holder`,
+    written into the lock file) and its pid, when another process holds it."""
     import fcntl
 
     path = (Path(project_dir) / PIPELINE_LOCK).resolve()
@@ -91,12 +92,12 @@ def pipeline_lock(project_dir: str | Path):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        pid, _, what = os.read(fd, 512).decode(errors="replace").strip().partition(" ")
         os.close(fd)
-        raise PipelineLocked(f"another pipeline run (pid {holder}) holds the lock {path} of "
+        raise PipelineLocked(f"another {what or 'pipeline run'} (pid {pid or 'unknown'}) holds the lock {path} of "
                              f"{Path(project_dir).resolve()}; wait for it to finish") from None
     os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    os.write(fd, f"{os.getpid()} {holder}\n".encode())
     _held_locks[path] = 1
     try:
         yield
@@ -288,11 +289,11 @@ def load_profile(project_dir: str | Path, profile: str) -> dict:
     return overlay
 
 
-def _leaves(overlay: dict, prefix: tuple[str, ...] = ()):
+def leaves(overlay: dict, prefix: tuple[str, ...] = ()):
     """(key path, value) of every value an overlay sets; a mapping is descended into, a list is one value."""
     for key, value in overlay.items():
         if isinstance(value, dict) and value:
-            yield from _leaves(value, (*prefix, str(key)))
+            yield from leaves(value, (*prefix, str(key)))
         else:
             yield (*prefix, str(key)), value
 
@@ -301,7 +302,7 @@ def stale_keys(params: dict, overlay: dict) -> list[str]:
     """Dotted keys the overlay sets that params.yaml does not have (a profile may change keys, not add them; under
     a mapping that params.yaml leaves empty, such as `placement.pools`, it may)."""
     stale = []
-    for path, _ in _leaves(overlay):
+    for path, _ in leaves(overlay):
         node = params
         for key in path:
             if isinstance(node, dict) and not node:
@@ -322,7 +323,7 @@ def merge_params(params: dict, overlay: dict) -> dict:
     return merged
 
 
-def _hydra_value(value, where: str) -> str:
+def hydra_value(value, where: str) -> str:
     """`value` in the override grammar of `dvc exp run -S` (Hydra's), so that it parses back to the same value."""
     if value is None:
         return "null"
@@ -335,7 +336,7 @@ def _hydra_value(value, where: str) -> str:
             raise BadInputError(f"{where}: a profile value may not hold a backslash or `${{`: {value!r}")
         return "'" + value.replace("'", "\\'") + "'"
     if isinstance(value, list):
-        return "[" + ",".join(_hydra_value(v, where) for v in value) + "]"
+        return "[" + ",".join(hydra_value(v, where) for v in value) + "]"
     raise BadInputError(f"{where}: unsupported profile value {value!r}")
 
 
@@ -350,7 +351,7 @@ def set_param_overrides(project_dir: str | Path, profile: str) -> list[str]:
     if stale:
         raise BadInputError(f"profile {profile}: keys not in params.yaml: {', '.join(stale)}")
     return [f"{'' if _has(params, path) else '+'}{'.'.join(path)}="  # `+`: a key added under an empty mapping
-            f"{_hydra_value(value, f'profile {profile}: ' + '.'.join(path))}" for path, value in _leaves(overlay)]
+            f"{hydra_value(value, f'profile {profile}: ' + '.'.join(path))}" for path, value in leaves(overlay)]
 
 
 def _has(params: dict, path: tuple[str, ...]) -> bool:
