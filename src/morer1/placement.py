@@ -21,11 +21,11 @@ import time
 from contextlib import chdir
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from morer1.errors import BadInputError
-from morer1.orchestrate import StageFailed, repro_stage
-from morer1.params import StageConfig
+from morer1.orchestrate import StageFailed, load_profile, repro_stage
+from morer1.params import ParamsError, StageConfig, load_section
 
 STAGE_FLOW = "morer1-stage"  # flows/stage.py; its deployment for pool P is `morer1-stage/P`
 RESULT_KEY = "morer1-stage-result"  # the stage run's artifact: what the flow needs back, as a JSON block
@@ -50,11 +50,6 @@ class PoolUnavailable(Exception):
 def placement_config(project_dir: str | Path, profile: str | None = None) -> PlacementConfig:
     """The project's `placement` section, with the `placement` of `profiles/<profile>.yaml` on top (its `pools`
     added to those of params.yaml, as DVC merges the profile's keys); ParamsError naming the profile if it is bad."""
-    from pydantic import ValidationError
-
-    from morer1.orchestrate import load_profile
-    from morer1.params import ParamsError, load_section
-
     base = load_section("placement", PlacementConfig, Path(project_dir) / "params.yaml")
     overlay = load_profile(project_dir, profile).get("placement") if profile else None
     if overlay is None:
