@@ -2,9 +2,10 @@
 tests/test_pipeline_e2e.py builds it, its own state folder), wall time and peak RSS; then the no-op rerun
 (`dvc repro` again: nothing changed, no stage runs), wall time. Figure: the no-op rerun as a share of the fresh run.
 
-Full size is the embedded default (params.yaml as it is: what `make run` trains, ~11 min on an idle 2-core machine); quick is the
-end-to-end test's plumbing sizes (every stage runs, learns nothing). Peak RSS: of the largest single process of
-the run (kernel ru_maxrss) and of the whole process tree (dvc plus the stage it runs; psutil, sampled).
+Full size is the embedded default (params.yaml as it is: what `make run` trains, ~11 min on an idle 2-core
+machine); quick is the end-to-end test's plumbing sizes (every stage runs, learns nothing). Peak RSS: of the
+largest single process of the run (kernel ru_maxrss) and of the whole process tree (dvc plus the stage it runs;
+psutil, sampled).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""Helpers for tests that start real servers on 127.0.0.1 in their own process groups."""
+"""Helpers for tests that start real servers on 127.0.0.1 in their own process groups, or hold the pipeline lock."""
 
 import contextlib
 import os
 import signal
 import socket
 import subprocess
+import sys
 
 
 def free_port() -> int:
@@ -56,3 +57,12 @@ def wait_healthy(url: str, proc: subprocess.Popen, log, timeout: float = 120) ->
             pass
         time.sleep(0.5)
     raise AssertionError(f"{url}: not healthy after {timeout} s\n{Path(log).read_text()[-3000:]}")
+
+
+def hold_pipeline_lock(project) -> subprocess.Popen:
+    """Another process holding the project's pipeline lock (as a running pipeline does) until it is killed."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom morer1.orchestrate import pipeline_lock\n"
+                               f"with pipeline_lock({str(project)!r}):\n    print('held', flush=True)\n"
+                               "    time.sleep(600)\n"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from servers import hold_pipeline_lock
 from test_orchestration import toy_project
 from test_pipeline_e2e import REPO, SMALL, _project
 
@@ -264,7 +265,6 @@ def test_each_cell_is_a_dvc_experiment_and_an_mlflow_run_and_a_failed_cell_is_a_
     assert forced["cells"][0]["grpo_dev_f1"] == by_cell["toy-two-s0"]["grpo_dev_f1"]
 
 
-
 def _try_lock(project) -> str:
     """What another process hears when it asks for the project's pipeline lock."""
     code = ("from morer1.orchestrate import PipelineLocked, pipeline_lock\n"
@@ -294,11 +294,8 @@ def test_a_grid_holds_the_pipeline_lock_and_stops_at_once_while_another_run_hold
     assert len(heard) == 1 and heard[0].startswith("another ablation run of grid 'toy' (pid ")
     assert _try_lock(project) == "free"  # released when the grid is done
 
-    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom morer1.orchestrate import pipeline_lock\n"
-                               f"with pipeline_lock({str(project)!r}):\n    print('held', flush=True)\n"
-                               "    time.sleep(600)\n"], stdout=subprocess.PIPE, text=True)
+    holder = hold_pipeline_lock(project)
     try:
-        assert holder.stdout.readline().strip() == "held"
         mlflow.set_tracking_uri(f"sqlite:///{os.environ['MORER1_STATE_DIR']}/mlflow.db")
         grids_before = len(mlflow.search_runs(experiment_names=["morer1"], output_format="list"))
         with pytest.raises(PipelineLocked, match=rf"^another pipeline run \(pid {holder.pid}\) holds the lock "):

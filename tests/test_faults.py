@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from servers import free_port, start_server, stop_group, wait_healthy
+from servers import free_port, hold_pipeline_lock, start_server, stop_group, wait_healthy
 from test_pipeline_e2e import REPO, SMALL, _project
 from tiny_facts import write_facts
 
@@ -243,10 +243,7 @@ def test_the_pipeline_lock_is_reentrant_refuses_other_processes_and_dies_with_it
     is not blocked by a stale lock file), while a live holder refuses every other process, naming its pid."""
     from morer1.orchestrate import PipelineLocked, pipeline_lock
 
-    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom morer1.orchestrate import pipeline_lock\n"
-                               f"with pipeline_lock({str(tmp_path)!r}):\n    print('held', flush=True)\n"
-                               "    time.sleep(600)\n"], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
+    holder = hold_pipeline_lock(tmp_path)
     with pytest.raises(PipelineLocked, match=rf"^another pipeline run \(pid {holder.pid}\) holds the lock "):
         with pipeline_lock(tmp_path):
             pass
