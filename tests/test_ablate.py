@@ -19,6 +19,7 @@ from morer1.ablate import (
     Row,
     build_table,
     load_grid,
+    paired_results,
     rebuild_from_mlflow,
     run,
     table_markdown,
@@ -65,6 +66,112 @@ def test_table_rows_are_means_and_sample_spreads_over_seeds_with_differences_to_
     assert "0.6000 ± 0.1414" in lines[SFT_ONLY] and "+0.0500 ± 0.0707" in lines["uniform"]
     assert "1/2" in lines["psm"] and "g-psm-s1: stage 'x' failed (exit 1)" in lines["psm"]
     assert "| g-psm-s1 | failed |" in md and "stage 'x' failed (exit 1) |" in lines["g-psm-s1"]
+
+
+def _paired(cell, dev_f1, test_f1=None, confidence=0.95, resamples=1000):
+    """The cell with paired GRPO-minus-SFT intervals, as experiment_results reads them from metrics.json:
+    `dev_f1` / `test_f1` are (lo, hi); Δ is the candidates' difference."""
+    for key, interval in (("dev_f1", dev_f1), ("test_f1", test_f1 or dev_f1)):
+        cell.update({f"delta_{key}": cell[f"grpo_{key}"] - cell[f"sft_{key}"], f"delta_{key}_lo": interval[0],
+                     f"delta_{key}_hi": interval[1], f"p_{key}": 0.04})
+    cell.update(wins_dev=7, losses_dev=2, n_dev=186, paired_confidence=confidence, paired_resamples=resamples)
+    return cell
+
+
+def _md_lines(md: str) -> dict:
+    return {line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| ")}
+
+
+def test_a_row_is_better_only_when_the_paired_interval_of_every_seed_lies_above_zero():
+    cells = [_paired(_cell("up", 0, 0.5, 0.56), (0.01, 0.11)), _paired(_cell("up", 1, 0.7, 0.74), (0.004, 0.08)),
+             # one seed's interval includes 0: not marked, though its mean Δ is the largest
+             _paired(_cell("one-in", 0, 0.5, 0.6), (0.05, 0.15)), _paired(_cell("one-in", 1, 0.7, 0.75), (-0.01, 0.11)),
+             _paired(_cell("touch", 0, 0.5, 0.52), (0.0, 0.05)), _paired(_cell("touch", 1, 0.7, 0.72), (0.0, 0.04)),
+             _paired(_cell("down", 0, 0.5, 0.4), (-0.2, -0.01), test_f1=(-0.2, 0.01)),
+             _paired(_cell("down", 1, 0.7, 0.6), (-0.2, -0.02)),
+             _paired(_cell("split", 0, 0.5, 0.6), (0.01, 0.2)), _paired(_cell("split", 1, 0.7, 0.6), (-0.2, -0.01)),
+             _paired(_cell("lost", 0, 0.5, 0.6), (0.01, 0.2)),
+             _cell("lost", 1, None, None, status="failed", reason="killed")]
+    rows = {r["row"]: r for r in build_table(cells)}
+    assert {name: r["verdict_dev_f1"] for name, r in rows.items()} == {
+        SFT_ONLY: None, "up": "better", "one-in": "inconclusive", "touch": "inconclusive", "down": "worse",
+        "split": "inconclusive", "lost": "better"}  # `lost`: its one ok cell (the table says 1/2)
+    assert rows["down"]["verdict_test_f1"] == "inconclusive" and rows["up"]["verdict_test_f1"] == "better"
+    assert (rows["one-in"]["paired_dev_f1_above"], rows["one-in"]["paired_dev_f1_below"],
+            rows["one-in"]["paired_dev_f1_cells"]) == (1, 0, 2)
+    assert rows["up"]["delta_dev_f1_mean"] == pytest.approx(0.05)  # the paired Δ, the same number as before
+
+    md = table_markdown("g", build_table(cells), cells)
+    lines = _md_lines(md)
+    assert lines["up"].endswith("| better | better | – |") and "| inconclusive | inconclusive |" in lines["one-in"]
+    assert "| worse | inconclusive |" in lines["down"] and lines[SFT_ONLY].endswith("| – | – | – |")
+    assert "| +0.060 [+0.010, +0.110] | 0.040 | 7/2 |" in lines["g-up-s0"]
+    assert "| +0.050 [-0.010, +0.110] |" in lines["g-one-in-s1"]
+    # the text under the table reads these numbers
+    assert "95 % pair-bootstrap interval (1000 resamples)" in md
+    assert ("- dev F1: 3 of 6 rows differ from SFT in every seed: up better (2 seeds, mean Δ +0.0500); down worse "
+            "(2 seeds, mean Δ -0.1000); lost better (1 seed, mean Δ +0.1000); the others' paired intervals include 0 "
+            "in at least one seed (one-in: above 0 in 1 of 2; split: above 0 in 1 and below 0 in 1 of 2).") in md
+    assert "- test F1: 2 of 6 rows differ from SFT in every seed: up better" in md
+    assert "- 1 of 12 cells failed" in md
+    assert "- Seed spread: SFT dev F1 0.6000 ± 0.1414 over 2 seeds (sample std); the largest row mean Δ dev F1 " \
+           "is -0.1000 (down)." in md
+
+    # the text follows the numbers: with no row marked it says so
+    quiet = [_paired(_cell("a", 0, 0.5, 0.51), (-0.01, 0.03)), _paired(_cell("a", 1, 0.7, 0.7), (-0.02, 0.02))]
+    assert ("- dev F1: no row differs from SFT in every seed; a's paired interval includes 0 in at least one "
+            "seed.") in table_markdown("g", build_table(quiet), quiet)
+    quiet += [_paired(_cell("b", 0, 0.5, 0.6), (0.01, 0.2)), _paired(_cell("b", 1, 0.7, 0.7), (-0.02, 0.02))]
+    assert ("- dev F1: no row differs from SFT in every seed; the paired intervals of all 2 include 0 in at least "
+            "one seed (b: above 0 in 1 of 2).") in table_markdown("g", build_table(quiet), quiet)
+
+
+def test_cells_from_a_metrics_json_without_paired_comparisons_read_and_render_as_dashes():
+    old = {"candidates": {m: {f"{split}_{k}": 0.5 for split in ("dev", "test")
+                              for k in ("f1", "accuracy", "invalid_rate")} for m in ("sft", "grpo")}}
+    assert set(paired_results(old).values()) == {None}
+    new = {"comparisons": {"grpo_vs_sft": {split: {
+        "delta_f1": 0.01, "delta_f1_lo": -0.02, "delta_f1_hi": 0.04, "p_value_f1": 0.5, "delta_accuracy": 0.02,
+        "delta_accuracy_lo": 0.01, "delta_accuracy_hi": 0.03, "p_value_accuracy": 0.01, "delta_precision": 0.3,
+        "wins": 12 if split == "dev" else 4, "losses": 9, "n": 1040, "n_pairs": 175, "confidence": 0.9,
+        "resamples": 500} for split in ("dev", "test")}}}
+    read = paired_results(new)
+    assert (read["delta_dev_f1"], read["delta_dev_f1_lo"], read["delta_dev_f1_hi"], read["p_dev_f1"]) == (
+        0.01, -0.02, 0.04, 0.5)
+    assert (read["delta_test_accuracy_lo"], read["p_test_accuracy"]) == (0.01, 0.01)
+    assert (read["wins_dev"], read["wins_test"], read["losses_dev"], read["n_test"]) == (12, 4, 9, 1040)
+    assert (read["paired_confidence"], read["paired_resamples"]) == (0.9, 500)
+    assert "delta_dev_precision" not in read
+
+    cells = [_cell("u", 0, 0.5, 0.6), _paired(_cell("u", 1, 0.7, 0.74), (0.01, 0.07)), _cell("v", 0, 0.5, 0.55)]
+    rows = {r["row"]: r for r in build_table(cells)}
+    assert rows["u"]["delta_dev_f1_mean"] == pytest.approx(0.07)  # the old cell's Δ: its candidates' difference
+    assert rows["u"]["verdict_dev_f1"] is None and rows["v"]["verdict_dev_f1"] is None  # not every cell is paired
+    md = table_markdown("g", build_table(cells), cells)
+    lines = _md_lines(md)
+    assert "| 0.5000 | 0.6000 | – | – | – | 0.4000 | 0.5000 | – | – |" in lines["g-u-s0"]
+    assert "| +0.0700 ± 0.0424 |" in lines["u"] and lines["u"].endswith("| – | – | – |")
+    assert ("- dev F1: 0 of the 1 row with a paired interval in every cell differ from SFT" not in md
+            and "- dev F1: no row has a paired interval in every cell, so none is marked." in md)
+    mixed = cells + [_paired(_cell("w", 0, 0.5, 0.6), (0.01, 0.2))]
+    md = table_markdown("g", build_table(mixed), mixed)
+    assert ("- dev F1: 1 of the 1 row with a paired interval in every cell differs from SFT in every seed: w better "
+            "(1 seed, mean Δ +0.1000); not marked: u (1 of its 2 ok cells without a paired interval); v (1 of its "
+            "1 ok cell without a paired interval).") in md
+
+
+def test_the_cell_reads_the_keys_that_the_paired_bootstrap_of_evaluate_writes():
+    from morer1.metrics import paired_bootstrap
+
+    golds = ["a", "none", "a", "b", "none", "b"] * 5
+    sft, grpo = ["a", "a", "b", "b", "none", "none"] * 5, ["a", "none", "a", "b", "none", "none"] * 5
+    block = paired_bootstrap(golds, grpo, sft, [i // 2 for i in range(len(golds))], ["a", "b", "none"],
+                             resamples=200, seed=0)
+    read = paired_results({"comparisons": {"grpo_vs_sft": {"dev": block, "test": block}}})
+    assert None not in read.values()
+    assert read["delta_dev_f1"] == block["delta_f1"] > 0
+    assert read["delta_test_accuracy_hi"] == block["delta_accuracy_hi"] and read["p_dev_f1"] == block["p_value_f1"]
+    assert (read["wins_dev"], read["losses_dev"], read["n_dev"], read["paired_resamples"]) == (10, 0, 30, 200)
 
 
 def test_a_row_whose_every_cell_failed_is_still_in_the_table(tmp_path):
@@ -174,9 +281,19 @@ else:
     sft = 0.3 + p["seed"] / 10
     scores = lambda f1: {"dev_f1": f1, "dev_accuracy": f1 + 0.01, "dev_invalid_rate": 0.1, "test_f1": f1 + 0.02,
                          "test_accuracy": f1 + 0.03, "test_invalid_rate": 0.2, "dev_precision": 0.0}
+    metrics = {"dev": {"f1": 0.0}, "candidates": {"sft": scores(sft), "grpo": scores(sft + p["x"] / 100)}}
+    if p["seed"] == 0:  # evaluate's paired comparison and the candidates' intervals; seed 1: a metrics.json of before
+        for model in metrics["candidates"].values():
+            model.update({f"{k}_{end}": model[k] + (0.05 if end == "hi" else -0.05) for k in list(model)
+                          if k.endswith(("_f1", "_accuracy")) for end in ("lo", "hi")})
+        d = p["x"] / 100
+        metrics["comparisons"] = {"grpo_vs_sft": {split: {
+            **{f"{k}{end}": d + off for k in ("delta_f1", "delta_accuracy")
+               for end, off in (("", 0), ("_lo", -0.015), ("_hi", 0.015))},
+            "p_value_f1": 0.01, "p_value_accuracy": 0.02, "delta_precision": 0.5, "wins": 3, "losses": 1, "n": 100,
+            "n_pairs": 40, "confidence": 0.95, "resamples": 200} for split in ("dev", "test")}}
     Path("reports/eval").mkdir(parents=True, exist_ok=True)
-    Path("reports/eval/metrics.json").write_text(json.dumps(
-        {"dev": {"f1": 0.0}, "candidates": {"sft": scores(sft), "grpo": scores(sft + p["x"] / 100)}}))
+    Path("reports/eval/metrics.json").write_text(json.dumps(metrics))
 """
 TOY_DVC = """\
 stages:
@@ -227,10 +344,25 @@ def test_each_cell_is_a_dvc_experiment_and_an_mlflow_run_and_a_failed_cell_is_a_
                 if key != "dev_precision":
                     assert by_cell[name][f"{model}_{key}"] == value
         assert by_cell[name]["grpo_reward_last"] == 0.2 and by_cell[name]["grpo_seconds"] == 12.0
+        paired = metrics.get("comparisons", {}).get("grpo_vs_sft", {})
+        for split in ("dev", "test"):
+            for metric in ("f1", "accuracy"):
+                key, block = f"{split}_{metric}", paired.get(split, {})
+                assert [by_cell[name][k] for k in (f"delta_{key}", f"delta_{key}_lo", f"delta_{key}_hi", f"p_{key}")] \
+                    == [block.get(k) for k in (f"delta_{metric}", f"delta_{metric}_lo", f"delta_{metric}_hi",
+                                               f"p_value_{metric}")], (name, key)
+            assert (by_cell[name][f"wins_{split}"], by_cell[name][f"losses_{split}"]) == (
+                block.get("wins"), block.get("losses"))
+    assert by_cell["toy-two-s0"]["delta_dev_f1_lo"] == pytest.approx(0.005)  # seed 0 has the paired comparison
+    assert by_cell["toy-two-s1"]["delta_dev_f1"] is None and by_cell["toy-two-s1"]["sft_dev_f1_lo"] is None
     rows = {r["row"]: r for r in result["rows"]}
     assert rows[SFT_ONLY]["dev_f1_mean"] == pytest.approx(0.35)  # seeds 0 and 1: 0.3 and 0.4
     assert rows["two"]["delta_dev_f1_mean"] == pytest.approx(0.02) and rows["two"]["cells"] == 2
     assert rows["bad"]["cells"] == 0 and rows["bad"]["failed"][0].startswith("toy-bad-s0: stage")
+    assert rows["two"]["verdict_dev_f1"] is None and rows["two"]["paired_dev_f1_above"] == 1  # seed 1 has none
+    lines = _md_lines(result["markdown"])
+    assert "| +0.020 [+0.005, +0.035] | 0.010 | 3/1 |" in lines["toy-two-s0"]
+    assert "| 0.4000 | 0.4200 | – | – | – |" in lines["toy-two-s1"]
     assert (project / "reports" / "ablation" / "toy" / "table.md").read_text() == result["markdown"]
     assert (project / "params.yaml").read_bytes() == before and _git_status(project) == "?? reports/\n"
     assert not (project / "registered").exists()
@@ -246,6 +378,8 @@ def test_each_cell_is_a_dvc_experiment_and_an_mlflow_run_and_a_failed_cell_is_a_
     assert all(r.data.tags["mlflow.parentRunId"] == grid_run.info.run_id for r in cell_runs.values())
     assert cell_runs["toy-bad-s0"].info.status == "FAILED"
     assert cell_runs["toy-two-s1"].data.metrics["grpo_dev_f1"] == pytest.approx(0.42)
+    assert cell_runs["toy-two-s0"].data.metrics["delta_test_f1_hi"] == pytest.approx(0.035)
+    assert "delta_dev_f1" not in cell_runs["toy-two-s1"].data.metrics
     stage_runs = [r for r in runs if r.data.tags.get("morer1.stage") == "grpo"]  # the stage's own, nested and tagged
     assert sorted(r.data.tags["morer1.cell"] for r in stage_runs) == ["toy-two-s0", "toy-two-s1"]
     assert all(r.data.tags["mlflow.parentRunId"] == cell_runs[r.data.tags["morer1.cell"]].info.run_id
@@ -254,6 +388,8 @@ def test_each_cell_is_a_dvc_experiment_and_an_mlflow_run_and_a_failed_cell_is_a_
     rebuilt = rebuild_from_mlflow("toy", tmp_path / "rebuilt")  # the same table from MLflow alone
     assert rebuilt["rows"] == result["rows"]
     assert [(c["cell"], c["status"]) for c in rebuilt["cells"]] == [(c["cell"], c["status"]) for c in result["cells"]]
+    assert rebuilt["cells"] == result["cells"]  # every number, the paired ones too (counts come back as floats)
+    assert rebuilt["markdown"].split("| row |", 1)[1] == result["markdown"].split("| row |", 1)[1]
 
     # a second run reads the cells that exist and runs only the failed one (which fails again)
     again = run(grid, cells, project, project / "reports" / "ablation")
@@ -350,6 +486,13 @@ def test_make_ablate_runs_real_cells_to_the_end_and_the_table_holds_their_metric
         for model in ("sft", "grpo"):
             for key in ("dev_f1", "dev_accuracy", "test_f1", "test_accuracy", "dev_invalid_rate", "test_invalid_rate"):
                 assert float(cells[name][f"{model}_{key}"]) == metrics["candidates"][model][key], (name, model, key)
+        # the paired comparison the real evaluate stage wrote is the cell's Δ and interval
+        for split in ("dev", "test"):
+            paired = metrics["comparisons"]["grpo_vs_sft"][split]
+            for end in ("", "_lo", "_hi"):
+                assert float(cells[name][f"delta_{split}_f1{end}"]) == paired[f"delta_f1{end}"], (name, split, end)
+            assert float(cells[name][f"wins_{split}"]) == paired["wins"]
+        assert cells[name]["sft_dev_f1_lo"] not in ("", None)
         params = exp["data"]["params"]["params.yaml"]["data"]
         assert params["curriculum"]["mode"] == ("uniform" if "uniform" in name else "progressive")
         assert params["grpo"]["seed"] == 3 and float(cells[name]["grpo_seconds"]) > 0

@@ -186,7 +186,7 @@ def test_box_and_text_fractions(tmp_path, fraction):
 def test_default_sizes_cover_every_type_pair_and_label(default_summary):
     out, summary = default_summary
     captions = json.loads((out / "caption_dict.json").read_text())
-    assert summary["pairs"] == {"train": 120, "valid": 24, "test": 36}
+    assert summary["pairs"] == {"train": 120, "valid": 180, "test": 180}
     for split in SPLITS:
         records = read_records(out, split)
         counts = Counter(r["relation"] for r in records)

@@ -13,7 +13,7 @@ from morer1.files import folder_sha256
 from morer1 import evaluate as ev
 from morer1.errors import BadInputError
 from morer1.labels import DEFAULT_LABELS
-from morer1.metrics import SUMMARY_KEYS
+from morer1.metrics import INTERVAL_KEYS, SUMMARY_KEYS
 
 
 def _fact(split, i, relation):
@@ -84,7 +84,24 @@ def test_model_is_chosen_on_dev_and_every_candidate_is_reported_on_test(tmp_path
     # the evaluation the dev metrics came from, which register tags the version with and promotion compares
     assert chosen["dev_set"] == ev.dev_set(facts, None, 0).sha256
     assert chosen["dev_eval"] == {"max_facts": None, "seed": 0, "max_new_tokens": 256, "batch_size": 8}
-    assert chosen["metrics"] == {f"{split}_{k}": metrics[split][k] for split in ("dev", "test") for k in SUMMARY_KEYS}
+    assert chosen["metrics"] == {**{f"{split}_{k}": metrics[split][k] for split in ("dev", "test") for k in SUMMARY_KEYS},
+                                 **{f"{split}_{k}_{end}": metrics[split][f"{k}_{end}"] for split in ("dev", "test")
+                                    for k in INTERVAL_KEYS for end in ("lo", "hi")}}
+    assert chosen["dev_predictions"] == "predictions_dev.jsonl"
+    # every candidate's answers, for paired analyses: bad is right on test only
+    for name, split, right in (("bad", "test", True), ("bad", "dev", False), ("good", "dev", True)):
+        lines = [json.loads(x) for x in (out / "candidates" / name / f"predictions_{split}.jsonl").read_text().splitlines()]
+        assert [r["predicted"] == r["relation"] for r in lines] == [right] * 4
+    assert not (out / "candidates.partial").exists()
+    assert {"id", "image", "relation", "predicted"} <= set(json.loads((out / "predictions_dev.jsonl").open().readline()))
+
+    # intervals beside every headline figure and the paired comparison of the two candidates
+    assert metrics["dev"]["f1_lo"] <= metrics["dev"]["f1"] <= metrics["dev"]["f1_hi"]
+    assert "baseline_majority_f1_lo" in metrics["test"] and "baseline_random_accuracy_hi" in metrics["dev"]
+    assert metrics["candidates"]["bad"]["test_f1_lo"] <= 1.0 == metrics["candidates"]["bad"]["test_f1_hi"]
+    paired = metrics["comparisons"]["good_vs_bad"]
+    assert paired["dev"]["delta_f1"] == 1.0 and paired["test"]["delta_f1"] == -1.0  # good minus bad
+    assert (paired["dev"]["wins"], paired["dev"]["losses"], paired["dev"]["n"], paired["dev"]["n_pairs"]) == (4, 0, 4, 1)
 
     # greedy beside self-consistency: on test greedy is all invalid; the votes give one right relation of three
     # non-none answers (a wrong relation, an invalid one) and one of two gold relations
@@ -110,6 +127,9 @@ def test_model_is_chosen_on_dev_and_every_candidate_is_reported_on_test(tmp_path
     assert {"self_consistency.json", "pr_coverage.csv"} <= artifacts
     assert run.data.tags["morer1.stage"] == "evaluate" and run.data.tags["morer1.chosen_model"] == models[1]
     assert run.data.metrics["test_f1"] == 0.0 and run.data.metrics["candidates.bad.test_f1"] == 1.0
+    assert run.data.metrics["test_f1_lo"] == metrics["test"]["f1_lo"] and "dev_accuracy_hi" in run.data.metrics
+    assert run.data.metrics["comparisons.good_vs_bad.dev.delta_f1"] == 1.0
+    assert "Paired comparisons" in page and "good_vs_bad" in page
     assert run.data.params["evaluate.selection_metric"] == "f1"
 
 
@@ -147,3 +167,24 @@ def test_sample_facts_is_seeded_and_keeps_order():
     a = ev.sample_facts(facts, 10, seed=1)
     assert a == ev.sample_facts(facts, 10, seed=1) and [f["id"] for f in a] == sorted(f["id"] for f in a)
     assert ev.sample_facts(facts, None, 0) == facts
+
+
+def _rows(model_right: list[bool], n_pairs: int = 5):
+    golds = ["/per/per/partner" if i % 3 else "none" for i in range(len(model_right))]
+    return [{"id": f"dev-{i:06d}", "image": f"images/dev/{i % n_pairs}.jpg", "relation": g,
+             "predicted": g if ok else "/org/loc/locate_at"} for i, (g, ok) in enumerate(zip(golds, model_right))]
+
+
+def test_compare_pairs_rows_by_fact_id_not_by_position():
+    """The same two models' rows in another order give the same comparison; a row list that holds other facts is
+    refused, not silently paired."""
+    cfg = small_config(ev.EvaluateConfig, bootstrap_resamples=300)
+    a = _rows([True] * 30)
+    b = _rows([i % 4 != 0 for i in range(30)])
+    expected = ev.compare(a, b, DEFAULT_LABELS, cfg)
+    assert (expected["wins"], expected["losses"]) == (8, 0) and expected["delta_accuracy"] == pytest.approx(8 / 30)
+    assert ev.compare(a, list(reversed(b)), DEFAULT_LABELS, cfg) == expected
+    with pytest.raises(BadInputError, match="same facts"):
+        ev.compare(a, b[:-1] + [{**b[-1], "id": "dev-999999"}], DEFAULT_LABELS, cfg)
+    with pytest.raises(BadInputError, match="gold"):
+        ev.compare(a, b[:-1] + [{**b[-1], "relation": "none"}], DEFAULT_LABELS, cfg)

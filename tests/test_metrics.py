@@ -12,7 +12,15 @@ import json
 import pytest
 
 from morer1.labels import DEFAULT_LABELS, NONE
-from morer1.metrics import INVALID, baselines, compute_metrics, write_metrics_files
+from morer1.metrics import (
+    INVALID,
+    baselines,
+    bootstrap_intervals,
+    compute_metrics,
+    flat_metrics,
+    paired_bootstrap,
+    write_metrics_files,
+)
 
 A, B, C, D = "/per/per/partner", "/per/org/member_of", "/org/loc/locate_at", "/loc/loc/contain"
 LABELS = [NONE, A, B, C, D]  # D never occurs: it gets a per-relation row but stays out of macro
@@ -380,3 +388,131 @@ def test_coverage_curve_refuses_mismatched_lists_and_a_set_without_none():
         coverage_curve([NONE, NONE], [NONE], [1.0, 1.0], DEFAULT_LABELS, [0.0])
     with pytest.raises(ValueError, match="lacks"):
         coverage_curve(["/a/b/c"], ["/a/b/c"], [1.0], ["/a/b/c"], [0.0])
+
+
+# --- the pair (cluster) bootstrap -------------------------------------------------------------------------------
+
+def clustered(n_pairs: int, size: int, right_pairs: int, seed: int = 0):
+    """`n_pairs` pairs of `size` relation facts each; the model is right on every fact of `right_pairs` of them and
+    answers `none` on every fact of the others: errors perfectly correlated within a pair."""
+    import random
+
+    rng = random.Random(seed)
+    right = set(rng.sample(range(n_pairs), right_pairs))
+    golds, preds, pairs = [], [], []
+    for p in range(n_pairs):
+        for _ in range(size):
+            golds.append(A)
+            preds.append(A if p in right else NONE)
+            pairs.append(f"images/{p}.jpg")
+    return golds, preds, pairs
+
+
+def test_one_pair_has_no_spread_whatever_its_facts():
+    """Every resample draws the single pair with all its facts, so the interval is the point: a bootstrap that
+    resampled facts would spread."""
+    golds, preds = [A, A, B, NONE, NONE, A, B, NONE], [A, NONE, B, A, NONE, None, B, NONE]
+    point = compute_metrics(golds, preds, LABELS)
+    ci = bootstrap_intervals(golds, preds, ["one.jpg"] * len(golds), LABELS, resamples=200, seed=3)
+    assert ci["n_pairs"] == 1 and ci["resamples"] == 200 and ci["confidence"] == 0.95
+    for key in ("accuracy", "precision", "recall", "f1"):
+        assert ci[key] == [approx(point[key])] * 2
+
+
+def test_interval_width_follows_the_number_of_pairs_not_of_facts():
+    """100 pairs of 10 facts, errors shared within a pair: the accuracy interval must be as wide as 100 independent
+    draws give (±1.96 sqrt(p(1-p)/100) ~ ±0.098), not as narrow as 1000 facts would (~ ±0.031)."""
+    golds, preds, pairs = clustered(100, 10, right_pairs=50)
+    ci = bootstrap_intervals(golds, preds, pairs, LABELS, resamples=2000, seed=0)
+    width = ci["accuracy"][1] - ci["accuracy"][0]
+    assert 0.16 < width < 0.24, width  # 2 x 0.098 = 0.196; fact resampling would give ~0.062
+    assert ci["accuracy"][0] < 0.5 < ci["accuracy"][1]
+    # the same facts, each its own pair: much narrower
+    facts_ci = bootstrap_intervals(golds, preds, range(len(golds)), LABELS, resamples=2000, seed=0)
+    assert facts_ci["accuracy"][1] - facts_ci["accuracy"][0] < width / 2
+
+
+def test_bootstrap_is_seeded():
+    golds, preds, pairs = clustered(40, 3, right_pairs=25)
+    a = bootstrap_intervals(golds, preds, pairs, LABELS, resamples=300, seed=7)
+    assert a == bootstrap_intervals(golds, preds, pairs, LABELS, resamples=300, seed=7)
+    assert a != bootstrap_intervals(golds, preds, pairs, LABELS, resamples=300, seed=8)
+
+
+def test_interval_counts_invalid_answers_as_wrong_positives():
+    """All answers invalid: precision 0 in every resample (MORE: each is a wrong positive), F1 0."""
+    golds, _, pairs = clustered(10, 2, right_pairs=0)
+    ci = bootstrap_intervals(golds, [None] * len(golds), pairs, LABELS, resamples=100)
+    assert ci["precision"] == ci["f1"] == ci["recall"] == [0.0, 0.0] and ci["accuracy"] == [0.0, 0.0]
+
+
+def test_paired_difference_of_identical_models_is_zero():
+    golds, preds, pairs = clustered(30, 4, right_pairs=12)
+    c = paired_bootstrap(golds, preds, list(preds), pairs, LABELS, resamples=500)
+    for key in ("accuracy", "precision", "recall", "f1"):
+        assert (c[f"delta_{key}"], c[f"delta_{key}_lo"], c[f"delta_{key}_hi"], c[f"p_value_{key}"]) == (0, 0, 0, 1)
+    assert (c["wins"], c["losses"], c["n"], c["n_pairs"]) == (0, 0, 120, 30)
+
+
+def test_pairing_separates_a_small_consistent_gain():
+    """B is A plus 6 more right pairs out of 200 (A right on 100): alone, each model's interval is ~±0.07 wide and
+    they overlap; paired, the same resampled pairs apply to both, the shared errors cancel and the Δ interval lies
+    above 0. Losing the pairing (B's answers shuffled against the facts) makes the difference vanish."""
+    import random
+
+    golds, preds_a, pairs = clustered(200, 3, right_pairs=100, seed=1)
+    wrong_pairs = sorted({pairs[i] for i, p in enumerate(preds_a) if p == NONE})[:6]
+    preds_b = [A if pairs[i] in wrong_pairs else p for i, p in enumerate(preds_a)]
+    c = paired_bootstrap(golds, preds_b, preds_a, pairs, LABELS, resamples=2000, seed=0)
+    assert c["delta_accuracy"] == approx(18 / 600) and (c["wins"], c["losses"]) == (18, 0)
+    assert 0 < c["delta_accuracy_lo"] < c["delta_accuracy"] < c["delta_accuracy_hi"]
+    assert c["delta_f1_lo"] > 0 and c["p_value_f1"] < 0.01
+    ci_a = bootstrap_intervals(golds, preds_a, pairs, LABELS, resamples=2000)
+    ci_b = bootstrap_intervals(golds, preds_b, pairs, LABELS, resamples=2000)
+    assert ci_b["accuracy"][0] < ci_a["accuracy"][1]  # unpaired, the intervals overlap
+    shuffled = list(preds_b)
+    random.Random(0).shuffle(shuffled)
+    lost = paired_bootstrap(golds, shuffled, preds_a, pairs, LABELS, resamples=2000, seed=0)
+    assert lost["delta_accuracy_lo"] < 0 < lost["delta_accuracy_hi"]
+
+
+def test_paired_p_value_and_sign():
+    golds, preds_a, pairs = clustered(50, 2, right_pairs=40, seed=2)
+    preds_b = [NONE] * len(golds)  # right nowhere
+    c = paired_bootstrap(golds, preds_b, preds_a, pairs, LABELS, resamples=999, seed=0)
+    assert c["delta_f1"] < 0 and c["delta_f1_hi"] < 0 and c["p_value_f1"] == approx(2 / 1000)  # no Δ* >= 0
+    assert (c["wins"], c["losses"]) == (0, 80)
+
+
+def test_bootstrap_refuses_mismatched_inputs():
+    with pytest.raises(ValueError, match="pair keys"):
+        bootstrap_intervals([A, B], [A, B], ["x"], LABELS, resamples=10)
+    with pytest.raises(ValueError, match="predictions"):
+        paired_bootstrap([A, B], [A, B], [A], ["x", "y"], LABELS, resamples=10)
+    with pytest.raises(ValueError, match="confidence"):
+        bootstrap_intervals([A], [A], ["x"], LABELS, resamples=10, confidence=1.0)
+
+
+def test_baselines_get_intervals_and_flat_bounds(tmp_path):
+    golds, preds, pairs = clustered(20, 3, right_pairs=10)
+    b = baselines([NONE, NONE, A], golds, LABELS, seed=0, pairs=pairs, resamples=200)
+    assert b["majority"]["intervals"]["f1"] == [0.0, 0.0]  # always none: F1 0 in every resample
+    assert b["random"]["intervals"]["accuracy"][0] <= b["random"]["accuracy"] <= b["random"]["intervals"]["accuracy"][1]
+    m = compute_metrics(golds, preds, LABELS)
+    m["intervals"] = bootstrap_intervals(golds, preds, pairs, LABELS, resamples=200)
+    m["baselines"] = b
+    flat = flat_metrics(m)
+    assert flat["f1_lo"] == m["intervals"]["f1"][0] and flat["accuracy_hi"] == m["intervals"]["accuracy"][1]
+    assert flat["baseline_random_f1_lo"] == b["random"]["intervals"]["f1"][0]
+    assert "baseline_random_recall_lo" not in flat  # baselines: F1 and accuracy only, as their point values
+
+
+def test_drawing_more_pairs_narrows_the_paired_interval_by_their_square_root():
+    """`draw`: a resample of 4x the pairs is a split 4x as large drawn like this one: half the width."""
+    golds, preds_a, pairs = clustered(100, 3, right_pairs=50, seed=4)
+    preds_b = [NONE if i % 7 == 0 else p for i, p in enumerate(preds_a)]
+    own = paired_bootstrap(golds, preds_a, preds_b, pairs, LABELS, resamples=3000, seed=0)
+    big = paired_bootstrap(golds, preds_a, preds_b, pairs, LABELS, resamples=3000, seed=0, draw=400)
+    ratio = (big["delta_f1_hi"] - big["delta_f1_lo"]) / (own["delta_f1_hi"] - own["delta_f1_lo"])
+    assert 0.4 < ratio < 0.6, ratio
+    assert big["delta_f1"] == own["delta_f1"]  # the observed difference is the split's own

@@ -107,6 +107,13 @@ def test_flow_runs_every_stage_nested_in_one_mlflow_run_then_nothing_to_do(tmp_p
     assert dev["f1"] >= max(dev["baseline_random_f1"], dev["baseline_majority_f1"]) + 0.25, dev
     assert dev["accuracy"] >= dev["baseline_random_accuracy"] + 0.1 and dev["invalid_rate"] <= 0.1, dev
     assert set(metrics["candidates"]) == {"sft", "grpo"}
+    # every headline figure with its pair-bootstrap interval, and GRPO against SFT paired on the same facts
+    assert dev["f1_lo"] <= dev["f1"] <= dev["f1_hi"] and dev["baseline_random_f1_lo"] <= dev["baseline_random_f1_hi"]
+    assert children["evaluate"].data.metrics["test_f1_lo"] == metrics["test"]["f1_lo"]
+    paired = metrics["comparisons"]["grpo_vs_sft"]["dev"]
+    assert paired["n"] == dev["n"] and paired["delta_f1_lo"] <= paired["delta_f1"] <= paired["delta_f1_hi"]
+    assert paired["delta_f1"] == pytest.approx(metrics["candidates"]["grpo"]["dev_f1"]
+                                               - metrics["candidates"]["sft"]["dev_f1"])
     for curve in ("sft/loss.csv", "sft/dev_f1.csv", "sft/curves.png", "grpo/rewards.csv", "grpo/phases.csv"):
         assert (project / "reports" / curve).stat().st_size > 0, curve
     assert (project / "reports" / "eval" / "report" / "index.html").exists()

@@ -184,3 +184,26 @@ def test_self_consistency_section_and_offline_curve(tmp_path):
     assert "default-src &#x27;none&#x27;" in page and "://" not in page.replace("xmlns='http://www.w3.org/2000/svg'", "")
     without = write_report(rows, facts, tmp_path / "plain", "dev").read_text(encoding="utf-8")
     assert "Self-consistency" not in without and "<svg" not in without
+
+
+def test_intervals_and_paired_comparisons_on_the_page(tmp_path):
+    facts = _facts_dir(tmp_path)
+    rows = [_row(1, A, A), _row(2, A, B), _row(3, NONE, NONE), _row(4, B, B)]
+    metrics = compute_metrics([r["relation"] for r in rows], [r["predicted"] for r in rows], [NONE, A, B])
+    metrics["intervals"] = {"accuracy": [0.5, 1.0], "precision": [0.25, 1.0], "recall": [0.4, 0.9],
+                            "f1": [0.64, 0.78], "confidence": 0.95, "resamples": 1000, "n_pairs": 3}
+    comparison = {"delta_f1": 0.0312, "delta_f1_lo": -0.0101, "delta_f1_hi": 0.0723, "p_value_f1": 0.152,
+                  "delta_accuracy": 0.02, "delta_accuracy_lo": 0.001, "delta_accuracy_hi": 0.04,
+                  "p_value_accuracy": 0.04, "wins": 11, "losses": 4, "n": 1040, "n_pairs": 170,
+                  **{f"delta_{k}{end}": 0.0 for k in ("precision", "recall") for end in ("", "_lo", "_hi")}}
+    page = write_report(rows, facts, tmp_path / "report", "dev", metrics,
+                        comparisons={"grpo_vs_sft": {"dev": comparison}}).read_text(encoding="utf-8")
+    assert f"<td>{metrics['f1']:.4f} [0.6400, 0.7800]</td>" in page
+    assert "95% interval of accuracy and micro P/R/F1 from 1000 bootstrap resamples of the 3 image-title pairs" in page
+    assert "<h2>Paired comparisons</h2>" in page
+    assert ("<tr><td>grpo_vs_sft</td><td>dev</td><td>+0.0200 [+0.0010, +0.0400]</td><td>+0.0000 [+0.0000, +0.0000]"
+            "</td><td>+0.0000 [+0.0000, +0.0000]</td><td>+0.0312 [-0.0101, +0.0723]</td><td>0.1520</td>"
+            "<td>0.0400</td><td>11</td><td>4</td><td>1040</td><td>170</td></tr>") in page
+    plain = write_report(rows, facts, tmp_path / "plain", "dev", compute_metrics(
+        [r["relation"] for r in rows], [r["predicted"] for r in rows], [NONE, A, B])).read_text(encoding="utf-8")
+    assert "Paired comparisons" not in plain and "bootstrap" not in plain

@@ -11,7 +11,11 @@ on the current commit is read, not run again (`force` runs it again).
 Every cell's numbers come from its experiment (`reports/eval/metrics.json`: both candidates, SFT and GRPO, scored
 on dev and test; `models/grpo/grpo_summary.json`: the reward at the end) and from MLflow (the GRPO trainer's
 `train_runtime` in the cell's grpo stage run: DVC's outputs hold no durations). "SFT only" is the SFT candidate
-of the cells; a GRPO row's differences to it are taken per cell (the same cell scored both models).
+of the cells; a GRPO row's differences to it are taken per cell (the same cell scored both models): the paired
+comparison `comparisons.grpo_vs_sft` of the cell's metrics.json (GRPO minus SFT on the same facts, with its pair
+bootstrap interval and p-value). A row is `better` (`worse`) when every ok cell's paired dev-F1 interval lies above
+(below) 0, else `inconclusive` (VERDICTS); the text under the table is generated from these numbers (`reading`).
+A metrics.json written before paired comparisons existed still reads: its intervals are None, shown as `–`.
 
 MLflow: one run `ablation-<grid>` (tag `morer1.grid`) holding the table, one nested run per cell (tags
 `morer1.grid`, `morer1.cell`, `morer1.row`, `morer1.seed`, `dvc.experiment`; its numbers as metrics) and the cell's
@@ -51,6 +55,17 @@ TARGET = "evaluate"  # the stage a cell runs to: `register` never runs in an abl
 # a candidate's numbers in reports/eval/metrics.json (`candidates.<model>.<key>`), in table order
 METRICS = ("dev_f1", "dev_accuracy", "test_f1", "test_accuracy", "dev_invalid_rate", "test_invalid_rate")
 DELTAS = ("dev_f1", "dev_accuracy", "test_f1", "test_accuracy")
+# the candidates' `<key>_lo` / `<key>_hi` (their own pair-bootstrap intervals) read for these, where present
+INTERVALS = DELTAS
+COMPARISON = "grpo_vs_sft"  # metrics.json `comparisons.<this>.<split>`: GRPO minus SFT, paired on the same facts
+# per cell from the comparison, for each of DELTAS (`<split>_<metric>`): `delta_<key>` (observed), `delta_<key>_lo`,
+# `delta_<key>_hi` (its interval) and `p_<key>` (two-sided p-value); per split `wins_<split>` (facts only GRPO gets
+# right), `losses_<split>` (only SFT), `n_<split>` (facts); once per cell `paired_confidence`, `paired_resamples`
+PAIRED = tuple(f"{prefix}_{key}{suffix}" for key in DELTAS
+               for prefix, suffix in (("delta", ""), ("delta", "_lo"), ("delta", "_hi"), ("p", "")))
+COUNTS = tuple(f"{k}_{split}" for split in ("dev", "test") for k in ("wins", "losses", "n"))
+PAIRED_META = ("paired_confidence", "paired_resamples")
+VERDICTS = ("dev_f1", "test_f1")  # a row's verdict against SFT from these paired intervals; dev_f1 leads the text
 GRPO_EXTRA = ("reward_last", "seconds")  # grpo_summary.json's reward at the end; the trainer's train_runtime
 NAME = r"^[a-z0-9][a-z0-9_]*(-[a-z0-9_]+)*$"
 
@@ -172,7 +187,28 @@ def experiment_results(project_dir: str | Path, rev: str) -> dict:
     if missing:
         raise BadInputError(f"reports/eval/metrics.json of {rev[:7]} has no candidate {', '.join(sorted(missing))}")
     out = {f"{model}_{key}": metrics["candidates"][model][key] for model in ("sft", "grpo") for key in METRICS}
+    out.update({f"{model}_{key}{end}": metrics["candidates"][model].get(f"{key}{end}")
+                for model in ("sft", "grpo") for key in INTERVALS for end in ("_lo", "_hi")})
+    out.update(paired_results(metrics))
     out["grpo_reward_last"] = summary.get("reward_last")
+    return out
+
+
+def paired_results(metrics: dict) -> dict:
+    """The cell's paired GRPO-minus-SFT numbers (PAIRED, COUNTS, PAIRED_META) from metrics.json's
+    `comparisons.grpo_vs_sft`; each None where that metrics.json has none (written before paired comparisons)."""
+    splits = ((metrics.get("comparisons") or {}).get(COMPARISON)) or {}
+    out = dict.fromkeys((*PAIRED, *COUNTS, *PAIRED_META))
+    for key in DELTAS:
+        split, metric = key.split("_", 1)
+        block = splits.get(split) or {}
+        out.update({f"delta_{key}": block.get(f"delta_{metric}"), f"delta_{key}_lo": block.get(f"delta_{metric}_lo"),
+                    f"delta_{key}_hi": block.get(f"delta_{metric}_hi"), f"p_{key}": block.get(f"p_value_{metric}")})
+    for split in ("dev", "test"):
+        block = splits.get(split) or {}
+        out.update({f"{k}_{split}": block.get(k) for k in ("wins", "losses", "n")})
+    first = splits.get("dev") or splits.get("test") or {}
+    out.update(paired_confidence=first.get("confidence"), paired_resamples=first.get("resamples"))
     return out
 
 
@@ -205,10 +241,38 @@ def _stats(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+def _delta(cell: dict, key: str) -> float | None:
+    """The cell's GRPO-minus-SFT difference of `key`: the paired comparison's, else (a metrics.json from before
+    paired comparisons) the difference of the two candidates' numbers, which is the same number."""
+    if cell.get(f"delta_{key}") is not None:
+        return cell[f"delta_{key}"]
+    grpo, sft = cell.get(f"grpo_{key}"), cell.get(f"sft_{key}")
+    return None if grpo is None or sft is None else grpo - sft
+
+
+def paired_side(cell: dict, key: str) -> int | None:
+    """1 when the cell's paired interval of `key` lies above 0, -1 when below, 0 when it includes 0, None without
+    an interval."""
+    lo, hi = cell.get(f"delta_{key}_lo"), cell.get(f"delta_{key}_hi")
+    if lo is None or hi is None:
+        return None
+    return 1 if lo > 0 else -1 if hi < 0 else 0
+
+
+def verdict(sides: list[int | None]) -> str | None:
+    """A row's verdict from its ok cells' `paired_side`s: `better` (every interval above 0), `worse` (every one
+    below), `inconclusive` (one includes 0, or they disagree); None without ok cells or when one has no interval."""
+    if not sides or any(side is None for side in sides):
+        return None
+    return "better" if all(s == 1 for s in sides) else "worse" if all(s == -1 for s in sides) else "inconclusive"
+
+
 def build_table(cells: list[dict]) -> list[dict]:
     """Per row (SFT only first, then the grid's rows in order): mean and spread over its ok cells of each metric,
-    GRPO's reward at the end and wall time, and the differences to SFT only (per cell: GRPO minus SFT candidate);
-    `failed` lists each failed cell with its reason."""
+    GRPO's reward at the end and wall time, and the differences to SFT only (per cell: the paired GRPO-minus-SFT
+    comparison); for each of VERDICTS, `verdict_<key>` (`verdict`), `paired_<key>_above` / `_below` (ok cells
+    whose paired interval lies above / below 0) and `paired_<key>_cells` (ok cells with an interval); `failed` lists
+    each failed cell with its reason."""
     ok = [c for c in cells if c["status"] != "failed"]
     sft_by_seed = {}
     for c in ok:
@@ -216,6 +280,9 @@ def build_table(cells: list[dict]) -> list[dict]:
     rows = [{"row": SFT_ONLY, "cells": len(sft_by_seed), "of": len({c["seed"] for c in cells}), "failed": []}]
     for key in METRICS:
         rows[0][f"{key}_mean"], rows[0][f"{key}_std"] = _stats([c[f"sft_{key}"] for c in sft_by_seed.values()])
+    for key in VERDICTS:
+        rows[0].update({f"verdict_{key}": None, f"paired_{key}_above": None, f"paired_{key}_below": None,
+                        f"paired_{key}_cells": None})
     for name in dict.fromkeys(c["row"] for c in cells):
         mine = [c for c in cells if c["row"] == name]
         good = [c for c in mine if c["status"] != "failed"]
@@ -224,8 +291,12 @@ def build_table(cells: list[dict]) -> list[dict]:
         for key in (*METRICS, *GRPO_EXTRA):
             row[f"{key}_mean"], row[f"{key}_std"] = _stats([c[f"grpo_{key}"] for c in good])
         for key in DELTAS:
-            row[f"delta_{key}_mean"], row[f"delta_{key}_std"] = _stats(
-                [c[f"grpo_{key}"] - c[f"sft_{key}"] for c in good])
+            row[f"delta_{key}_mean"], row[f"delta_{key}_std"] = _stats([_delta(c, key) for c in good])
+        for key in VERDICTS:
+            sides = [paired_side(c, key) for c in good]
+            row.update({f"verdict_{key}": verdict(sides), f"paired_{key}_above": sides.count(1),
+                        f"paired_{key}_below": sides.count(-1),
+                        f"paired_{key}_cells": sum(side is not None for side in sides)})
         rows.append(row)
     return rows
 
@@ -237,6 +308,14 @@ def _fmt(mean, std, digits: int = 4, sign: bool = False) -> str:
     return text + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
+def _interval(delta, lo, hi, digits: int = 3) -> str:
+    """`+0.012 [-0.020, +0.044]`; `–` without a paired comparison."""
+    if delta is None:
+        return "–"
+    return f"{delta:+.{digits}f}" + (f" [{lo:+.{digits}f}, {hi:+.{digits}f}]" if lo is not None and hi is not None
+                                     else "")
+
+
 def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -244,27 +323,111 @@ def _md(text: str) -> str:
 COLUMNS = [("dev F1", "dev_f1", 4), ("dev acc", "dev_accuracy", 4), ("test F1", "test_f1", 4),
            ("test acc", "test_accuracy", 4), ("dev invalid", "dev_invalid_rate", 4),
            ("test invalid", "test_invalid_rate", 4), ("GRPO s", "seconds", 0), ("reward end", "reward_last", 3)]
+LABELS = {"dev_f1": "dev F1", "dev_accuracy": "dev acc", "test_f1": "test F1", "test_accuracy": "test acc"}
+
+
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _sides(row: dict, key: str) -> str:
+    """`above 0 in 1 and below 0 in 1` (the row's cells whose paired interval excludes 0), '' when none does."""
+    return " and ".join(f"{side} 0 in {row[f'paired_{key}_{side}']}" for side in ("above", "below")
+                        if row[f"paired_{key}_{side}"])
+
+
+def reading(rows: list[dict], cells: list[dict]) -> str:
+    """The text under the row table, generated from its numbers: which rows differ from SFT in every seed (VERDICTS),
+    which are not marked and why, failed cells, and the SFT seed spread beside the largest mean Δ."""
+    grpo_rows = [r for r in rows if r["row"] != SFT_ONLY]
+    ok = [c for c in cells if c["status"] != "failed"]
+    confidence = sorted({c["paired_confidence"] for c in ok if c.get("paired_confidence") is not None})
+    resamples = sorted({int(c["paired_resamples"]) for c in ok if c.get("paired_resamples") is not None})
+    how = ""
+    if confidence:
+        how = (f", with its {' / '.join(f'{100 * v:g} %' for v in confidence)} pair-bootstrap interval"
+               + (f" ({' / '.join(map(str, resamples))} resamples)" if resamples else ""))
+    lines = [f"Paired Δ: GRPO minus the SFT model of the same cell, on the same facts{how}. A row is `better` "
+             "(`worse`) when the interval of every seed lies above (below) 0, `inconclusive` when it includes 0 in "
+             "at least one seed or the seeds disagree, `–` when a cell has no paired interval. Generated from the "
+             "numbers above:", ""]
+    for key in VERDICTS:
+        label = LABELS[key]
+        judged = [r for r in grpo_rows if r[f"verdict_{key}"] is not None]
+        marked = [r for r in judged if r[f"verdict_{key}"] != "inconclusive"]
+        others = [r for r in judged if r[f"verdict_{key}"] == "inconclusive"]
+        if not judged:
+            line = "no row has a paired interval in every cell, so none is marked"
+        else:
+            if marked:
+                of = (_plural(len(judged), "row", "rows") if len(judged) == len(grpo_rows) else
+                      f"the {_plural(len(judged), 'row', 'rows')} with a paired interval in every cell")
+                line = (f"{len(marked)} of {of} {'differs' if len(marked) == 1 else 'differ'} from SFT in every seed: "
+                        + "; ".join(f"{r['row']} {r[f'verdict_{key}']} ({_plural(r['cells'], 'seed', 'seeds')}, "
+                                    f"mean Δ {r[f'delta_{key}_mean']:+.4f})" for r in marked))
+            else:
+                line = ("no row " + ("" if len(judged) == len(grpo_rows) else "with a paired interval in every cell ")
+                        + "differs from SFT in every seed")
+            if others:
+                line += ("; " + (f"{others[0]['row']}'s paired interval includes" if len(others) == 1 else
+                                 "the others' paired intervals include" if marked else
+                                 f"the paired intervals of all {len(others)} include") + " 0 in at least one seed")
+                partly = [f"{r['row']}: {_sides(r, key)} of {r['cells']}" for r in others if _sides(r, key)]
+                if partly:
+                    line += f" ({'; '.join(partly)})"
+        missing = [r for r in grpo_rows if r[f"verdict_{key}"] is None]
+        if missing and judged:
+            line += "; not marked: " + "; ".join(
+                f"{r['row']} (every cell failed)" if not r["cells"] else
+                f"{r['row']} ({r['cells'] - r[f'paired_{key}_cells']} of its "
+                f"{_plural(r['cells'], 'ok cell', 'ok cells')} without a paired interval)"
+                for r in missing)
+        lines.append(f"- {label}: {line}.")
+    failed = [c for c in cells if c["status"] == "failed"]
+    if failed:
+        lines.append(f"- {len(failed)} of {_plural(len(cells), 'cell', 'cells')} failed (the `failed` column); "
+                     "a row's numbers are over its other cells.")
+    sft = rows[0]
+    moved = [r for r in grpo_rows if r.get("delta_dev_f1_mean") is not None]
+    if sft.get("dev_f1_std") is not None and moved:
+        top = max(moved, key=lambda r: abs(r["delta_dev_f1_mean"]))
+        lines.append(f"- Seed spread: SFT dev F1 {sft['dev_f1_mean']:.4f} ± {sft['dev_f1_std']:.4f} over "
+                     f"{sft['cells']} seeds (sample std); the largest row mean Δ dev F1 is "
+                     f"{top['delta_dev_f1_mean']:+.4f} ({top['row']}).")
+    return "\n".join(lines) + "\n"
 
 
 def table_markdown(grid: str, rows: list[dict], cells: list[dict], note: str = "") -> str:
-    """The row table (mean ± sample std over seeds; Δ = GRPO − SFT per cell) and the cell table."""
-    head = [t for t, _, _ in COLUMNS] + [f"Δ {t}" for t, k, _ in COLUMNS if k in DELTAS]
+    """The row table (mean ± sample std over seeds; Δ = GRPO − SFT per cell, paired; the verdicts), the text that
+    reads it (`reading`) and the cell table (each cell's paired Δ with its interval)."""
+    head = ([t for t, _, _ in COLUMNS] + [f"Δ {t}" for t, k, _ in COLUMNS if k in DELTAS]
+            + [f"vs SFT ({LABELS[k]})" for k in VERDICTS])
     text = f"# Ablation grid `{grid}`\n\n{note}" + f"| row | cells | {' | '.join(head)} | failed |\n"
     text += "|---" * (len(head) + 3) + "|\n"
     for r in rows:
         values = [_fmt(r.get(f"{k}_mean"), r.get(f"{k}_std"), d) for _, k, d in COLUMNS]
         deltas = [_fmt(r.get(f"delta_{k}_mean"), r.get(f"delta_{k}_std"), d, sign=True) for _, k, d in COLUMNS
                   if k in DELTAS]
-        text += (f"| {r['row']} | {r['cells']}/{r['of']} | {' | '.join(values + deltas)} | "
+        verdicts = [r.get(f"verdict_{k}") or "–" for k in VERDICTS]
+        text += (f"| {r['row']} | {r['cells']}/{r['of']} | {' | '.join(values + deltas + verdicts)} | "
                  f"{_md('; '.join(r['failed'])) or '–'} |\n")
-    text += ("\n## Cells\n\n| cell | status | SFT dev F1 | SFT test F1 | GRPO dev F1 | GRPO test F1 | GRPO s | "
-             "reward end | cell s | experiment | reason |\n" + "|---" * 11 + "|\n")
+    text += "\n" + reading(rows, cells)
+    text += ("\n## Cells\n\n| cell | status | SFT dev F1 | GRPO dev F1 | Δ dev F1 [interval] | p dev F1 | "
+             "dev won/lost | SFT test F1 | GRPO test F1 | Δ test F1 [interval] | p test F1 | GRPO s | reward end | "
+             "cell s | experiment | reason |\n" + "|---" * 16 + "|\n")
     for c in cells:
-        values = [_fmt(c.get(k), None, d) for k, d in (("sft_dev_f1", 4), ("sft_test_f1", 4), ("grpo_dev_f1", 4),
-                                                        ("grpo_test_f1", 4), ("grpo_seconds", 0),
-                                                        ("grpo_reward_last", 3), ("seconds", 0))]
+        parts = []
+        for split in ("dev", "test"):
+            key = f"{split}_f1"
+            won, lost = c.get(f"wins_{split}"), c.get(f"losses_{split}")
+            parts += [_fmt(c.get(f"sft_{key}"), None), _fmt(c.get(f"grpo_{key}"), None),
+                      _interval(c.get(f"delta_{key}"), c.get(f"delta_{key}_lo"), c.get(f"delta_{key}_hi")),
+                      _fmt(c.get(f"p_{key}"), None, 3)]
+            if split == "dev":
+                parts.append("–" if won is None or lost is None else f"{int(won)}/{int(lost)}")
+        parts += [_fmt(c.get(k), None, d) for k, d in (("grpo_seconds", 0), ("grpo_reward_last", 3), ("seconds", 0))]
         rev = f"`{c['rev'][:7]}`" if c.get("rev") else "–"
-        text += f"| {c['cell']} | {c['status']} | {' | '.join(values)} | {rev} | {_md(c.get('reason') or '–')} |\n"
+        text += f"| {c['cell']} | {c['status']} | {' | '.join(parts)} | {rev} | {_md(c.get('reason') or '–')} |\n"
     return text
 
 
@@ -296,7 +459,8 @@ def write_table(out_dir: str | Path, grid: str, cells: list[dict], note: str = "
 def _empty_cell(cell: Cell) -> dict:
     return {"cell": cell.name, "row": cell.row, "seed": cell.seed, "status": "failed", "reason": None, "rev": None,
             "seconds": None, **{f"{m}_{k}": None for m in ("sft", "grpo") for k in METRICS},
-            **{f"grpo_{k}": None for k in GRPO_EXTRA}}
+            **{f"{m}_{k}{end}": None for m in ("sft", "grpo") for k in INTERVALS for end in ("_lo", "_hi")},
+            **dict.fromkeys((*PAIRED, *COUNTS, *PAIRED_META)), **{f"grpo_{k}": None for k in GRPO_EXTRA}}
 
 
 def _log_cell(mlflow, cell: Cell, result: dict) -> None:
@@ -366,7 +530,7 @@ def _run_grid(grid: Grid, cells: list[Cell], project: Path, out_dir: str | Path,
             results.append(result)
         note = (f"Project commit `{tracking.git_commit(project)}`, profile `{grid.profile or 'none'}`, seed keys "
                 f"{', '.join(grid.seed_keys)}; mean ± sample standard deviation over the seeds; Δ: GRPO minus the "
-                f"SFT candidate of the same cell. MLflow run `{grid_run.info.run_id}`.\n\n")
+                f"SFT candidate of the same cell, paired on the same facts. MLflow run `{grid_run.info.run_id}`.\n\n")
         table = write_table(Path(out_dir) / grid.name, grid.name, results, note)
         for path in table["files"]:
             mlflow.log_artifact(str(path), artifact_path="ablation")

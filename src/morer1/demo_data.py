@@ -89,8 +89,8 @@ class DemoDataConfig(StageConfig):
 
     seed: int = Field(0, description="Seed of the generator; the same seed and config give byte-identical files.")
     train_pairs: int = Field(..., ge=1, description="Image-title pairs in the train split.")
-    valid_pairs: int = Field(24, ge=1, description="Image-title pairs in the valid split.")
-    test_pairs: int = Field(36, ge=1, description="Image-title pairs in the test split.")
+    valid_pairs: int = Field(180, ge=1, description="Image-title pairs in the valid split.")
+    test_pairs: int = Field(180, ge=1, description="Image-title pairs in the test split.")
     image_size: tuple[int, int] = Field(
         (96, 160), description="Min and max image side in pixels; width and height are drawn independently."
     )

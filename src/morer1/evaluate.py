@@ -26,6 +26,7 @@ from morer1.files import folder_sha256, read_jsonl, swap_in, write_jsonl, write_
 from morer1.params import StageConfig
 
 CANDIDATE_KEYS = ("f1", "precision", "recall", "accuracy", "invalid_rate")
+PREDICTION_KEYS = ("id", "image", "relation", "predicted", "completion")  # a line of predictions_<split>.jsonl
 
 
 class EvaluateConfig(StageConfig):
@@ -44,6 +45,11 @@ class EvaluateConfig(StageConfig):
     sc_abstain_below: float = Field(
         0.6, ge=0, description="Abstention threshold whose self-consistency metrics are reported beside greedy: "
                                "answer none below this vote share (the curve covers every threshold).")
+    bootstrap_resamples: int = Field(
+        1000, ge=1, description="Pair-bootstrap resamples behind every interval and paired comparison (seeded by "
+                                "`seed`); the interval bounds move by about 0.005 between seeds at 1000.")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Coverage of the intervals (0.95: 2.5 % and 97.5 % "
+                                                            "quantiles of the resamples).")
 
 
 def sample_facts(facts: list[dict], max_facts: int | None, seed: int) -> list[dict]:
@@ -122,16 +128,46 @@ def self_consistency(greedy: dict[str, list[dict]], voted: dict[str, list[dict]]
     return out
 
 
-def score(rows: list[dict], labels, train_golds: list[str], seed: int) -> dict:
-    """compute_metrics with the MORE slices, and the majority and random baselines on the same facts."""
-    from morer1.metrics import baselines, compute_metrics
+def score(rows: list[dict], labels, train_golds: list[str], seed: int, resamples: int = 0,
+          confidence: float = 0.95) -> dict:
+    """compute_metrics with the MORE slices, and the majority and random baselines on the same facts; with
+    `resamples`, each of them also carries `intervals` (metrics.bootstrap_intervals over the facts' pairs)."""
+    from morer1.metrics import baselines, bootstrap_intervals, compute_metrics
 
     golds = [r["relation"] for r in rows]
     result = compute_metrics(golds, [r["predicted"] for r in rows], labels,
                              pair_entities=[r["pair_entities"] for r in rows],
                              pair_objects=[r["pair_objects"] for r in rows])
-    result["baselines"] = baselines(train_golds, golds, labels, seed=seed)
+    pairs = [pair_key(r) for r in rows] if resamples else None
+    result["baselines"] = baselines(train_golds, golds, labels, seed=seed, pairs=pairs, resamples=resamples,
+                                    confidence=confidence)
+    if resamples:
+        result["intervals"] = bootstrap_intervals(golds, [r["predicted"] for r in rows], pairs, labels,
+                                                  resamples=resamples, confidence=confidence, seed=seed)
     return result
+
+
+def pair_key(fact: dict) -> str:
+    """The image-title pair of a fact, the unit the bootstrap resamples: its photo (one photo per pair and split)."""
+    return fact["image"]
+
+
+def compare(rows_a: list[dict], rows_b: list[dict], labels, cfg: EvaluateConfig) -> dict:
+    """Model A minus model B on the same facts (metrics.paired_bootstrap), their rows aligned by fact id.
+
+    BadInputError when the two row lists do not hold the same facts with the same gold labels."""
+    from morer1.metrics import paired_bootstrap
+
+    by_id = {r["id"]: r for r in rows_b}
+    if len(by_id) != len(rows_b) or len(rows_a) != len(rows_b) or set(by_id) != {r["id"] for r in rows_a}:
+        raise BadInputError("a paired comparison needs both models' answers to the same facts (ids differ)")
+    for r in rows_a:
+        if by_id[r["id"]]["relation"] != r["relation"]:
+            raise BadInputError(f"fact {r['id']!r} has gold {r['relation']!r} in one model's rows and "
+                                f"{by_id[r['id']]['relation']!r} in the other's")
+    return paired_bootstrap([r["relation"] for r in rows_a], [r["predicted"] for r in rows_a],
+                            [by_id[r["id"]]["predicted"] for r in rows_a], [pair_key(r) for r in rows_a], labels,
+                            resamples=cfg.bootstrap_resamples, confidence=cfg.confidence, seed=cfg.seed)
 
 
 DEV_EVAL_KEYS = ("max_facts", "seed", "max_new_tokens", "batch_size")  # the settings a dev number depends on
@@ -188,6 +224,16 @@ def dev_eval(cfg: EvaluateConfig) -> dict:
     return {key: getattr(cfg, key) for key in DEV_EVAL_KEYS}
 
 
+def headline(result: dict, split: str, keys) -> dict:
+    """`<split>_<key>` of a score() result for `keys`, with `<split>_<key>_lo` / `_hi` where it has an interval."""
+    out = {}
+    for key in keys:
+        out[f"{split}_{key}"] = result[key]
+        if key in (result.get("intervals") or {}):
+            out[f"{split}_{key}_lo"], out[f"{split}_{key}_hi"] = result["intervals"][key]
+    return out
+
+
 def run(cfg: EvaluateConfig, facts_dir: str | Path, models: list[str], out_dir: str | Path) -> dict:
     """Score `models` on dev, choose one, score all on test; write metrics, plots, predictions, the report and
     `chosen.json` into `out_dir`; return the summary (the chosen model, its flat dev/test metrics, `candidates`)."""
@@ -208,14 +254,20 @@ def run(cfg: EvaluateConfig, facts_dir: str | Path, models: list[str], out_dir: 
         splits = {"dev": dev.facts, "test": sample_facts(read_jsonl(facts_dir / "test.jsonl"), cfg.max_facts, cfg.seed)}
         rows: dict[str, dict[str, list[dict]]] = {"dev": {}, "test": {}}
         results: dict[str, dict[str, dict]] = {m: {} for m in models}
+        def scored(split: str, model: str) -> dict:
+            rows[split][model] = predict_facts(model, splits[split], facts_dir, labels, cfg)
+            return score(rows[split][model], labels, train_golds, cfg.seed, cfg.bootstrap_resamples, cfg.confidence)
+
         for model in models:
-            rows["dev"][model] = predict_facts(model, splits["dev"], facts_dir, labels, cfg)
-            results[model]["dev"] = score(rows["dev"][model], labels, train_golds, cfg.seed)
+            results[model]["dev"] = scored("dev", model)
         chosen = max(reversed(models), key=lambda m: results[m]["dev"][cfg.selection_metric])
         # Every candidate is scored on test too, so each stage's gain is visible; the choice above used dev only.
         for model in models:
-            rows["test"][model] = predict_facts(model, splits["test"], facts_dir, labels, cfg)
-            results[model]["test"] = score(rows["test"][model], labels, train_golds, cfg.seed)
+            results[model]["test"] = scored("test", model)
+        # Each later candidate against each earlier one (e.g. grpo_vs_sft: GRPO minus SFT), paired on the same facts.
+        comparisons = {f"{names[a]}_vs_{names[b]}": {split: compare(rows[split][a], rows[split][b], labels, cfg)
+                                                      for split in ("dev", "test")}
+                       for i, a in enumerate(models) for b in models[:i]}
 
         sc = None
         if cfg.sc_samples:
@@ -224,22 +276,34 @@ def run(cfg: EvaluateConfig, facts_dir: str | Path, models: list[str], out_dir: 
             sc = self_consistency({split: rows[split][chosen] for split in voted}, voted, labels, cfg,
                                   time.perf_counter() - started)
 
-        candidates = {names[m]: {f"{split}_{k}": results[m][split][k] for split in ("dev", "test")
-                                 for k in CANDIDATE_KEYS} for m in models}
+        candidates = {names[m]: {key: value for split in ("dev", "test")
+                                 for key, value in headline(results[m][split], split, CANDIDATE_KEYS).items()}
+                      for m in models}
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_metrics_files(results[chosen], out_dir, extra={"candidates": candidates})
-        keep = ("id", "relation", "predicted", "completion")
+        write_metrics_files(results[chosen], out_dir, extra={"candidates": candidates, "comparisons": comparisons})
         for split in ("dev", "test"):
-            write_jsonl(out_dir / f"predictions_{split}.jsonl", ({k: r[k] for k in keep} for r in rows[split][chosen]))
+            write_jsonl(out_dir / f"predictions_{split}.jsonl",
+                        ({k: r[k] for k in PREDICTION_KEYS} for r in rows[split][chosen]))
+        staging = out_dir / "candidates.partial"  # every candidate's answers, for paired analyses of one's own
+        shutil.rmtree(staging, ignore_errors=True)
+        for model in models:
+            (staging / names[model]).mkdir(parents=True)
+            for split in ("dev", "test"):
+                write_jsonl(staging / names[model] / f"predictions_{split}.jsonl",
+                            ({k: r[k] for k in PREDICTION_KEYS} for r in rows[split][model]))
+        swap_in(staging, out_dir / "candidates")
         staging = out_dir / "report.partial"  # git-ignored, like every staging folder
         shutil.rmtree(staging, ignore_errors=True)
         write_report(rows["dev"][chosen], facts_dir, staging, title=f"morer1 error analysis: {chosen} on dev",
-                     metrics=results[chosen]["dev"], max_samples=cfg.report_max_samples, self_consistency=sc)
+                     metrics=results[chosen]["dev"], max_samples=cfg.report_max_samples, self_consistency=sc,
+                     comparisons=comparisons)
         swap_in(staging, out_dir / "report")
         write_text_atomic(out_dir / "chosen.json", json.dumps({
             "model_dir": chosen, "model_sha256": folder_sha256(chosen), "selection_metric": cfg.selection_metric,
             "labels": list(labels), "dev_set": dev.sha256, "dev_eval": dev_eval(cfg),
-            "metrics": {f"{split}_{k}": results[chosen][split][k] for split in ("dev", "test") for k in SUMMARY_KEYS},
+            "dev_predictions": "predictions_dev.jsonl",  # beside this file: what a paired promotion compares
+            "metrics": {key: value for split in ("dev", "test")
+                        for key, value in headline(results[chosen][split], split, SUMMARY_KEYS).items()},
         }, indent=1) + "\n")
 
         # Written also when disabled (samples 0, a curve without rows): they are outputs of the DVC stage.
@@ -249,7 +313,7 @@ def run(cfg: EvaluateConfig, facts_dir: str | Path, models: list[str], out_dir: 
         summary = {"chosen": chosen, "selection_metric": cfg.selection_metric,
                    **{f"{split}_{k}": v for split in ("dev", "test")
                       for k, v in flat_metrics(results[chosen][split]).items()},
-                   "candidates": candidates}
+                   "candidates": candidates, "comparisons": comparisons}
         if sc is not None:  # MLflow metrics sc.seconds, sc.<split>.<f1|...>, sc.<split>.abstain_<f1|...|coverage>
             summary["sc"] = {"seconds": sc["seconds"], **{split: {
                 **{k: sc[split]["self_consistency"][k] for k in ("f1", "precision", "recall", "accuracy")},
@@ -264,4 +328,5 @@ def run(cfg: EvaluateConfig, facts_dir: str | Path, models: list[str], out_dir: 
                      "self_consistency.json", "pr_coverage.csv"):
             mlflow.log_artifact(str(out_dir / name))
         mlflow.log_artifacts(str(out_dir / "report"), artifact_path="report")
+        mlflow.log_artifacts(str(out_dir / "candidates"), artifact_path="candidates")
     return summary

@@ -30,6 +30,14 @@ Definitions, fixed here once for every stage that reports a number:
 - Every ratio with a zero denominator is 0 (never a division error, never NaN).
 - `coverage_curve` (self-consistency, `morer1.consistency`): per abstention threshold T, answers whose vote share
   is below T become `none` and the micro figures above are computed; `coverage` = share of facts not abstained.
+- Intervals (`bootstrap_intervals`, `paired_bootstrap`): facts of one image-title pair share the image and the
+  title, so their errors are not independent; the bootstrap resamples *pairs* (a cluster bootstrap: each resample
+  draws as many pairs as the split has, with replacement, and keeps all their facts) and recomputes the micro
+  figures above on each. The interval is the percentile interval at `confidence` (0.95: the 2.5 % and 97.5 %
+  quantiles), seeded. A paired comparison applies the same resampled pairs to both models' predictions of the same
+  facts and reports the interval of the difference; its two-sided p-value is twice the smaller share of resampled
+  differences on either side of 0, 2 (1 + min(#{Δ* <= 0}, #{Δ* >= 0})) / (1 + resamples), capped at 1: the
+  percentile interval excludes 0 when p < 1 - confidence (up to one resample's worth), so the two agree.
 - `by_case`: the MORE slices by the number of distinct entities (1 or N) and objects (1 or N) of the
   fact's image-title pair; only slices that hold at least one fact are reported. Each slice has the
   micro figures above (invalid answers in its precision denominator) and its own `invalid_rate`.
@@ -53,6 +61,7 @@ CASES = ("1ent_1obj", "1ent_Nobj", "Nent_1obj", "Nent_Nobj")
 CURVE_KEYS = ("threshold", "coverage", "precision", "recall", "f1", "accuracy", "invalid_rate", "n")
 SUMMARY_KEYS = ("accuracy", "precision", "recall", "f1", "macro_precision", "macro_recall", "macro_f1",
                 "invalid_rate", "n")
+INTERVAL_KEYS = ("accuracy", "precision", "recall", "f1")  # the figures that get a bootstrap interval
 
 
 def _div(num: float, den: float) -> float:
@@ -152,13 +161,146 @@ def compute_metrics(golds: list[str], preds: list[str | None], labels, *, pair_e
     return out
 
 
-def baselines(train_golds, eval_golds, labels, seed: int = 0) -> dict:
+# --- uncertainty: the pair (cluster) bootstrap -------------------------------------------------------------------
+
+def _fact_counts(golds: Sequence[str], preds: Sequence[str | None], label_set: set[str]):
+    """Per fact: (correct, predicted positive, gold positive, correct positive) as a float array (n x 4), under the
+    MORE rule (an out-of-set or None answer is an invalid one: a wrong positive)."""
+    import numpy as np
+
+    rows = []
+    for g, p in zip(golds, preds, strict=True):
+        p = p if p in label_set else None
+        rows.append((g == p, p != NONE, g != NONE, g == p and g != NONE))
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 4)
+
+
+def _figures(totals, n):
+    """accuracy, precision, recall, f1 of count totals (... x 4) over `n` facts, 0 where a denominator is 0."""
+    import numpy as np
+
+    correct, predicted, gold, hit = (totals[..., i] for i in range(4))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = {"accuracy": np.where(n > 0, correct / np.where(n > 0, n, 1), 0.0),
+               "precision": np.where(predicted > 0, hit / np.where(predicted > 0, predicted, 1), 0.0),
+               "recall": np.where(gold > 0, hit / np.where(gold > 0, gold, 1), 0.0),
+               # harmonic mean of P and R = 2 hit / (predicted + gold), 0 when there is no hit
+               "f1": np.where(hit > 0, 2 * hit / np.where(predicted + gold > 0, predicted + gold, 1), 0.0)}
+    return out
+
+
+def _pair_index(pairs: Sequence) -> tuple[list, list[int]]:
+    """Distinct pair keys in order of first appearance, and each fact's index into them."""
+    index: dict = {}
+    positions = [index.setdefault(key, len(index)) for key in pairs]
+    return list(index), positions
+
+
+def _resampled_totals(counts_list, pairs: Sequence, resamples: int, seed: int, draw: int | None = None,
+                      chunk: int = 500):
+    """For each per-fact count array of `counts_list` (same facts), its totals on `resamples` pair-bootstrap
+    resamples (resamples x 4), and the facts per resample; the same resampled pairs for every array (pairing).
+    A resample draws `draw` pairs (default: as many as there are)."""
+    import numpy as np
+
+    keys, index = _pair_index(pairs)
+    n_pairs = len(keys) if index else 0
+    index = np.asarray(index, dtype=np.int64)
+    per_pair = [np.zeros((n_pairs, 4)) for _ in counts_list]
+    for arr, counts in zip(per_pair, counts_list):
+        np.add.at(arr, index, counts)
+    sizes = np.bincount(index, minlength=n_pairs).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    totals = [np.zeros((resamples, 4)) for _ in counts_list]
+    facts = np.zeros(resamples)
+    for start in range(0, resamples, chunk):
+        stop = min(start + chunk, resamples)
+        if n_pairs == 0:
+            continue
+        weights = rng.multinomial(draw or n_pairs, np.full(n_pairs, 1.0 / n_pairs),
+                                  size=stop - start).astype(np.float64)
+        for out, arr in zip(totals, per_pair):
+            out[start:stop] = weights @ arr
+        facts[start:stop] = weights @ sizes
+    return totals, facts, n_pairs
+
+
+def _check_bootstrap(n: int, pairs: Sequence, resamples: int, confidence: float) -> None:
+    if len(pairs) != n:
+        raise ValueError(f"{n} facts but {len(pairs)} pair keys")
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+
+
+def bootstrap_intervals(golds: Sequence[str], preds: Sequence[str | None], pairs: Sequence, labels, *,
+                        resamples: int, confidence: float = 0.95, seed: int = 0) -> dict:
+    """Percentile intervals of accuracy and micro P/R/F1 (`INTERVAL_KEYS`) by the pair bootstrap.
+
+    `pairs` holds one hashable key per fact naming its image-title pair; the resamples draw pairs, not facts
+    (module docstring). Returns {key: [lo, hi]} for each key, plus `confidence`, `resamples` and `n_pairs`.
+    """
+    import numpy as np
+
+    golds, preds, pairs = list(golds), list(preds), list(pairs)
+    _check_bootstrap(len(golds), pairs, resamples, confidence)
+    counts = _fact_counts(golds, preds, set(labels))
+    (totals,), facts, n_pairs = _resampled_totals([counts], pairs, resamples, seed)
+    figures = _figures(totals, facts)
+    tail = (1 - confidence) / 2
+    out: dict = {key: [float(v) for v in np.quantile(figures[key], [tail, 1 - tail])] for key in INTERVAL_KEYS}
+    out.update(confidence=confidence, resamples=resamples, n_pairs=n_pairs)
+    return out
+
+
+def paired_bootstrap(golds: Sequence[str], preds_a: Sequence[str | None], preds_b: Sequence[str | None],
+                     pairs: Sequence, labels, *, resamples: int, confidence: float = 0.95, seed: int = 0,
+                     draw: int | None = None) -> dict:
+    """Model A minus model B on the same facts, paired: for each of `INTERVAL_KEYS`, `delta_<k>` (observed),
+    `delta_<k>_lo` / `delta_<k>_hi` (percentile interval of the difference over pair-bootstrap resamples that apply
+    the same pairs to both models) and `p_value_<k>` (two-sided, module docstring). Also `n` facts, `n_pairs`,
+    `wins` (facts only A gets right), `losses` (only B gets right), `confidence` and `resamples`.
+
+    `preds_a[i]` and `preds_b[i]` must be the two models' answers to the fact of `golds[i]` (callers align them by
+    fact id first). `draw` (default: the number of pairs) sets how many pairs a resample draws: the interval a split
+    of `draw` pairs drawn like this one would give (benchmarks/bench_power.py)."""
+    import numpy as np
+
+    golds, preds_a, preds_b, pairs = list(golds), list(preds_a), list(preds_b), list(pairs)
+    if not len(golds) == len(preds_a) == len(preds_b):
+        raise ValueError(f"{len(golds)} golds, {len(preds_a)} and {len(preds_b)} predictions")
+    _check_bootstrap(len(golds), pairs, resamples, confidence)
+    label_set = set(labels)
+    counts_a, counts_b = _fact_counts(golds, preds_a, label_set), _fact_counts(golds, preds_b, label_set)
+    (totals_a, totals_b), facts, n_pairs = _resampled_totals([counts_a, counts_b], pairs, resamples, seed, draw)
+    fig_a, fig_b = _figures(totals_a, facts), _figures(totals_b, facts)
+    n = float(len(golds))
+    obs_a, obs_b = _figures(counts_a.sum(axis=0), n), _figures(counts_b.sum(axis=0), n)
+    tail = (1 - confidence) / 2
+    out: dict = {"n": len(golds), "n_pairs": n_pairs, "wins": int(((counts_a[:, 0] == 1) & (counts_b[:, 0] == 0)).sum()),
+                 "losses": int(((counts_a[:, 0] == 0) & (counts_b[:, 0] == 1)).sum()),
+                 "confidence": confidence, "resamples": resamples}
+    for key in INTERVAL_KEYS:
+        observed = float(obs_a[key] - obs_b[key])
+        deltas = fig_a[key] - fig_b[key]
+        lo, hi = (float(v) for v in np.quantile(deltas, [tail, 1 - tail]))
+        # twice the smaller tail beyond 0 (module docstring); 1 when the two models never differ
+        tail_count = min(int((deltas <= 0).sum()), int((deltas >= 0).sum()))
+        out.update({f"delta_{key}": observed, f"delta_{key}_lo": lo, f"delta_{key}_hi": hi,
+                    f"p_value_{key}": min(1.0, 2 * (1 + tail_count) / (1 + resamples))})
+    return out
+
+
+def baselines(train_golds, eval_golds, labels, seed: int = 0, *, pairs: Sequence | None = None, resamples: int = 0,
+              confidence: float = 0.95) -> dict:
     """Reference points for the eval numbers: `majority` and `random`, each a compute_metrics result.
 
     `majority` always answers the most frequent train label (ties: first in the label set); on MORE
     that is `none`, so its P = R = F1 = 0 and its accuracy is the `none` share. `random` draws each
     answer from the train label distribution with a seeded generator. Each result also carries the
-    baseline's `label` (majority) or `distribution` (random).
+    baseline's `label` (majority) or `distribution` (random), and with `pairs` (one pair key per eval fact) and
+    `resamples` its `intervals` (bootstrap_intervals, seeded with `seed`).
     """
     import numpy as np
 
@@ -180,6 +322,10 @@ def baselines(train_golds, eval_golds, labels, seed: int = 0) -> dict:
     drawn = [order[i] for i in rng.choice(len(order), size=len(eval_golds), p=probs)] if eval_golds else []
     rand = compute_metrics(eval_golds, drawn, labels)
     rand["distribution"] = dict(zip(order, probs))
+    if pairs is not None and resamples:
+        for result, answers in ((majority, [top] * len(eval_golds)), (rand, drawn)):
+            result["intervals"] = bootstrap_intervals(eval_golds, answers, pairs, labels, resamples=resamples,
+                                                      confidence=confidence, seed=seed)
     return {"majority": majority, "random": rand}
 
 
@@ -221,15 +367,23 @@ def _is_result(m: dict) -> bool:
     return isinstance(m, dict) and "accuracy" in m and "per_relation" in m
 
 
+def _interval_bounds(m: dict, prefix: str, keys=INTERVAL_KEYS) -> dict:
+    """`<prefix><key>_lo` / `_hi` of a result's `intervals` for `keys` (none when it has none)."""
+    return {f"{prefix}{key}_{end}": bound for key in keys if key in (m.get("intervals") or {})
+            for end, bound in zip(("lo", "hi"), m["intervals"][key])}
+
+
 def flat_metrics(m: dict) -> dict:
     """The numbers of one compute_metrics result (with an optional `baselines` entry) as a flat dict."""
     flat = {k: m[k] for k in SUMMARY_KEYS if k in m}
+    flat.update(_interval_bounds(m, ""))
     for case, s in (m.get("by_case") or {}).items():
         flat[f"by_case_{case}_f1"] = s["f1"]
         flat[f"by_case_{case}_n"] = s["n"]
     for name, b in (m.get("baselines") or {}).items():
         flat[f"baseline_{name}_f1"] = b["f1"]
         flat[f"baseline_{name}_accuracy"] = b["accuracy"]
+        flat.update(_interval_bounds(b, f"baseline_{name}_", ("f1", "accuracy")))
     return {k: v for k, v in flat.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 

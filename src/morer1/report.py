@@ -14,7 +14,7 @@ import html
 from collections import Counter
 from pathlib import Path
 
-from morer1.metrics import SUMMARY_KEYS
+from morer1.metrics import INTERVAL_KEYS, SUMMARY_KEYS
 
 FULL_MAX_SIDE = 480   # full images are scaled to at most this side (smaller ones up to FULL_MIN_SIDE)
 FULL_MIN_SIDE = 240
@@ -171,6 +171,22 @@ def select_samples(rows: list[dict], max_samples: int = 500) -> list[dict]:
     return (wrong + right)[:max(0, max_samples)]
 
 
+def _with_interval(m: dict, key: str) -> str:
+    """A figure as `0.7100 [0.6400, 0.7800]` when the result carries its interval, else the figure alone."""
+    bounds = (m.get("intervals") or {}).get(key)
+    text = _fmt(m.get(key, ""))
+    return f"{text} [{_fmt(bounds[0])}, {_fmt(bounds[1])}]" if bounds else text
+
+
+def _interval_note(results: dict) -> str:
+    found = next((m["intervals"] for m in results.values() if m.get("intervals")), None)
+    if not found:
+        return ""
+    return (f"<p>In brackets: the {found['confidence']:.0%} interval of accuracy and micro P/R/F1 from "
+            f"{found['resamples']} bootstrap resamples of the {found['n_pairs']} image-title pairs (all facts of a pair "
+            "are drawn together: they share the image and the title).</p>")
+
+
 def _metrics_html(metrics: dict) -> str:
     results = {"": metrics} if "accuracy" in metrics else {
         k: v for k, v in metrics.items() if isinstance(v, dict) and "accuracy" in v}
@@ -180,13 +196,14 @@ def _metrics_html(metrics: dict) -> str:
     out = ["<h2>Metrics</h2><table><tr><th></th>", *(f"<th>{_e(k)}</th>" for k in keys), "</tr>"]
     for split, m in results.items():
         out.append(f"<tr><td>{_e(split or 'all')}</td>")
-        out += [f"<td>{_fmt(m.get(k, ''))}</td>" for k in keys]
+        out += [f"<td>{_with_interval(m, k)}</td>" for k in keys]
         out.append("</tr>")
         for name, b in (m.get("baselines") or {}).items():
             out.append(f"<tr><td>{_e(split)} baseline: {_e(name)}</td>")
-            out += [f"<td>{_fmt(b.get(k, ''))}</td>" for k in keys]
+            out += [f"<td>{_with_interval(b, k)}</td>" for k in keys]
             out.append("</tr>")
     out.append("</table>")
+    out.append(_interval_note(results))
     out.append("<p>Precision follows MORE: every answer that is not <code>none</code> is a relation "
                "prediction, an invalid one included (a wrong one); <code>invalid_rate</code> says how many "
                "answers were invalid. Macro figures leave invalid answers out of every relation's "
@@ -200,6 +217,32 @@ def _metrics_html(metrics: dict) -> str:
                 out.append(f"<tr><td>{_e(case)}</td>" + "".join(
                     f"<td>{_fmt(s.get(k, ''))}</td>" for k in case_keys) + "</tr>")
             out.append("</table>")
+    return "".join(out)
+
+
+def _signed(value) -> str:
+    return f"{value:+.4f}" if isinstance(value, float) else _e(value)
+
+
+def _comparisons_html(comparisons: dict) -> str:
+    """One row per comparison and split: Δ of each figure with its paired interval, p-values, facts only one got
+    right."""
+    rows = [(name, split, c) for name, by_split in comparisons.items() for split, c in by_split.items()]
+    if not rows:
+        return ""
+    out = ["<h2>Paired comparisons</h2><p><code>a_vs_b</code>: model a minus model b on the same facts. Each "
+           "interval comes from bootstrap resamples of image-title pairs applied to both models at once, so what "
+           "the two get right or wrong together cancels out; p is two-sided. <em>only a</em> / <em>only b</em>: "
+           "facts only that model gets right.</p><table><tr><th>comparison</th><th>split</th>",
+           *(f"<th>Δ {k}</th>" for k in INTERVAL_KEYS),
+           "<th>p (F1)</th><th>p (accuracy)</th><th>only a</th><th>only b</th><th>facts</th><th>pairs</th></tr>"]
+    for name, split, c in rows:
+        out.append(f"<tr><td>{_e(name)}</td><td>{_e(split)}</td>")
+        out += [f"<td>{_signed(c[f'delta_{k}'])} [{_signed(c[f'delta_{k}_lo'])}, {_signed(c[f'delta_{k}_hi'])}]</td>"
+                for k in INTERVAL_KEYS]
+        out.append(f"<td>{_fmt(c['p_value_f1'])}</td><td>{_fmt(c['p_value_accuracy'])}</td><td>{_e(c['wins'])}</td>"
+                   f"<td>{_e(c['losses'])}</td><td>{_e(c['n'])}</td><td>{_e(c['n_pairs'])}</td></tr>")
+    out.append("</table>")
     return "".join(out)
 
 
@@ -315,11 +358,13 @@ def _sample_html(i: int, row: dict, full: str | None, crop: str | None) -> str:
 
 
 def write_report(rows: list[dict], facts_dir, out_dir, title: str, metrics: dict | None = None,
-                 max_samples: int = 500, self_consistency: dict | None = None) -> Path:
+                 max_samples: int = 500, self_consistency: dict | None = None,
+                 comparisons: dict | None = None) -> Path:
     """Write `out_dir/index.html` and its images in `out_dir/img/`; return the page's path.
 
     `self_consistency` (evaluate's `self_consistency.json`) adds a section: greedy against self-consistency per split
-    and each split's precision-recall-coverage curve as an inline SVG figure (the page stays offline).
+    and each split's precision-recall-coverage curve as an inline SVG figure (the page stays offline). `comparisons`
+    (evaluate's: name -> split -> metrics.paired_bootstrap result) adds the table of paired differences.
     `rows` are fact records (docs/data.md) plus `predicted` (label or None for an invalid answer) and
     `completion` (the raw model output). Image paths are read relative to `facts_dir`. The summary
     counts every row; at most `max_samples` are rendered, all wrong ones first, then right ones.
@@ -357,6 +402,7 @@ def write_report(rows: list[dict], facts_dir, out_dir, title: str, metrics: dict
         f"<title>{_e(title)}</title><style>{STYLE}</style></head><body>"
         f"<h1>{_e(title)}</h1>"
         + (_metrics_html(metrics) if metrics else "")
+        + (_comparisons_html(comparisons) if comparisons else "")
         + (_self_consistency_html(self_consistency) if self_consistency else "")
         + _counts_html(rows)
         + f"<p class='meta'>Showing {len(samples)} of {len(rows)} facts (wrong ones first).</p>"
