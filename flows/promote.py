@@ -1,5 +1,5 @@
 """Prefect flow: copy the `challenger` candidate into the served model and move alias `champion` to it if it wins on
-dev (`morer1 promote`), the champion scored on the challenger's dev set.
+dev with confidence (`morer1 promote`): the paired-bootstrap interval of the difference on the same dev facts.
 
 On servers with auth it runs with the promoter's MLflow account (`MLFLOW_TRACKING_USERNAME`/`_PASSWORD` of the
 worker of work pool `morer1-promote`), the only one that may write to `register.model_name`.
@@ -33,7 +33,7 @@ def promote(project_dir: str = str(PROJECT)) -> dict:
     cfg = load_section("register", registry.RegisterConfig, Path(project_dir) / "params.yaml")
     cfg = cfg.model_copy(update={"facts": str(Path(project_dir) / cfg.facts)})  # an absolute facts stays as it is
     decision = registry.promote(cfg)
-    get_run_logger().info("%s: %s", decision["decision"], decision["reason"])
+    get_run_logger().info("%s", registry.decision_line(decision))
     create_markdown_artifact(key="promotion", markdown="# morer1 promotion\n\n" + promotion_markdown(decision),
                              description="Decision of the champion/challenger comparison")
     return decision

@@ -56,9 +56,12 @@ def test_serve_builds_a_scheduled_pipeline_and_an_unscheduled_promotion(flows_en
     assert [s.schedule.cron for s in flywheel.schedules] == [serve.WEEKLY]
 
 
-DECISION = {"model_name": "morer1", "metric": "dev_f1", "margin": 0.005, "challenger_version": "3",
-            "champion_version": "2", "challenger_value": 0.5, "champion_value": 0.25, "decision": "promoted",
-            "reason": "dev_f1 0.5000 beats champion 0.2500 by more than 0.005"}
+DECISION = {"model_name": "morer1", "metric": "dev_f1", "challenger_version": "3", "champion_version": "2",
+            "rule": "promote when the 95 % paired-bootstrap lower bound of Δdev_f1 > 0.0 (2000 resamples of "
+                    "image-title pairs, seed 0)",
+            "challenger_value": 0.5, "champion_value": 0.25, "delta": 0.25, "delta_lo": 0.1, "delta_hi": 0.4,
+            "decision": "promoted", "reason": "dev_f1 +0.2500 [+0.1000, +0.4000] over champion (own predictions, same "
+                                              "dev set): lower bound above 0.0 (n=600 facts, 100 pairs, p=0.001)"}
 
 
 def _write_reports(project):
@@ -77,7 +80,8 @@ def test_summary_shows_metrics_and_promotion_of_the_stages_that_succeeded(tmp_pa
     text = summary_markdown(tmp_path, done, "abc123", "1")
     assert "MLflow run `abc123`" in text and "| evaluate | skipped | 0.4 |" in text
     assert "| dev | 6 | 0.5000 | 0.2500 | 0.1250 | 0.1667 | 0.0000 | 0.8333 | 0.0000 |" in text
-    assert "version 3" in text and "**promoted**" in text and "beats champion" in text
+    assert "version 3" in text and "**promoted**" in text and "[+0.1000, +0.4000] over champion" in text
+    assert "paired-bootstrap lower bound of Δdev_f1 > 0.0" in text
 
     failed = [{"stage": "validate", "status": "failed", "seconds": None}]  # stale reports of an earlier run
     text = summary_markdown(tmp_path, failed, "abc123", "1")

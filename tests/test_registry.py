@@ -24,7 +24,8 @@ from morer1 import evaluate, registry, serve
 from morer1.errors import BadInputError
 from morer1.evaluate import EvaluateConfig
 from morer1.files import folder_sha256
-from morer1.labels import DEFAULT_LABELS
+from morer1.labels import DEFAULT_LABELS, NONE
+from morer1.metrics import compute_metrics
 from morer1.prompt import prompt_text
 from morer1.registry import CHALLENGER, CHAMPION, RegisterConfig
 from morer1.serve import predict_jsonl, predict_one
@@ -70,12 +71,23 @@ def _tracking(store, monkeypatch):
     monkeypatch.delenv("MORER1_EXPERIMENT", raising=False)
 
 
-def chosen_json(folder: Path, model_dir: Path, metrics: dict, dev: evaluate.DevSet) -> Path:
-    """A chosen.json as evaluate writes it, for `model_dir` scored on `dev` with EVAL."""
+def jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def chosen_json(folder: Path, model_dir: Path, metrics: dict, dev: evaluate.DevSet,
+                predictions: list[dict] | None = None) -> Path:
+    """A chosen.json as evaluate writes it, for `model_dir` scored on `dev` with EVAL, beside its
+    predictions_dev.jsonl: `predictions`, or by default each dev fact answered with its gold relation."""
+    rows = predictions if predictions is not None else [{**f, "predicted": f["relation"], "completion": ""}
+                                                        for f in dev.facts]
+    keep = ("id", "image", "relation", "predicted", "completion")
+    (folder / "predictions_dev.jsonl").write_text(jsonl([{k: r[k] for k in keep} for r in rows]))
     path = folder / "chosen.json"
     path.write_text(json.dumps({"model_dir": str(model_dir), "model_sha256": folder_sha256(model_dir),
                                 "selection_metric": "f1", "labels": list(DEFAULT_LABELS), "dev_set": dev.sha256,
-                                "dev_eval": evaluate.dev_eval(EVAL), "metrics": metrics}))
+                                "dev_eval": evaluate.dev_eval(EVAL), "metrics": metrics,
+                                "dev_predictions": "predictions_dev.jsonl"}))
     return path
 
 
@@ -130,12 +142,47 @@ def named(name: str, **values) -> RegisterConfig:
     return small_config(RegisterConfig, model_name=name, candidates_model_name=f"{name}-candidates", **values)
 
 
-def add_version(registered, name: str, dev_f1: float | None, dev: evaluate.DevSet | None) -> str:
-    """Register the module's logged model again under `name` (as challenger) with a given dev_f1 tag, scored on `dev`
-    with EVAL (None: no dev set recorded, as versions registered before they were)."""
-    metrics = {} if dev_f1 is None else {"dev_f1": dev_f1}
+def add_version(registered, name: str, predictions: list[dict] | None, dev: evaluate.DevSet | None) -> str:
+    """Register the module's logged model again under `name` (as challenger), from a run of its own holding
+    `predictions` as its dev predictions (None: none, as versions registered before them; else its dev_f1 tag is
+    theirs), scored on `dev` with EVAL (None: no dev set recorded, as versions registered before they were)."""
+    client, candidates = MlflowClient(), f"{name}-candidates"
+    metrics = {} if predictions is None else {"dev_f1": compute_metrics(
+        [r["relation"] for r in predictions], [r["predicted"] for r in predictions], DEFAULT_LABELS)["f1"]}
     tags = registry.dev_tags({"dev_set": dev.sha256, "dev_eval": evaluate.dev_eval(EVAL)}) if dev else {}
-    return str(registry.register_version(registered.source, named(name), metrics, tags).version)
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("morer1").experiment_id) as run:
+        if predictions is not None:
+            mlflow.log_text(jsonl(predictions), registry.PREDICTIONS_ARTIFACT)
+    if not client.search_registered_models(f"name = '{candidates}'"):
+        client.create_registered_model(candidates)
+    version = client.create_model_version(candidates, registered.source, run_id=run.info.run_id,
+                                          tags=registry.version_tags(metrics, tags)).version
+    client.set_registered_model_alias(candidates, CHALLENGER, version)
+    return str(version)
+
+
+RELATIONS = [label for label in DEFAULT_LABELS if label != NONE]
+
+
+def dev_facts(n: int, per_pair: int) -> list[dict]:
+    """`n` synthetic dev facts (what pairing reads of them), `per_pair` to an image-title pair (one photo each)."""
+    return [{"id": f"dev-{i:06d}", "image": f"images/{i // per_pair}.jpg", "relation": RELATIONS[i % len(RELATIONS)]}
+            for i in range(n)]
+
+
+def answers(facts: list[dict], right) -> list[dict]:
+    """Predictions of `facts`: the gold where `right(i)`, else another relation or None (invalid). Every gold and
+    every answer is a positive, so F1 is the share of facts right."""
+    return [{**f, "completion": "", "predicted": f["relation"] if right(i) else
+             None if i % 2 else RELATIONS[(i + 1) % len(RELATIONS)]} for i, f in enumerate(facts)]
+
+
+def champion_right(i: int) -> bool:
+    return i % 10 < 7  # F1 0.7
+
+
+SMALL = dev_facts(100, 5)  # 20 pairs
+LARGE = dev_facts(4000, 5)  # 800 pairs
 
 
 def served(name: str):
@@ -180,6 +227,8 @@ def test_register_tags_version_and_promotes_the_first(registered, tiny, data):
     assert (tags["model_dir"], tags["model_sha256"]) == (str(tiny[0]), folder_sha256(tiny[0]))
     run = mlflow.get_run(registered.run_id)
     assert (run.data.metrics["dev_f1"], run.data.metrics["test_f1"]) == (0.5, 0.4)
+    logged = mlflow.artifacts.load_text(f"runs:/{copy.run_id}/{registry.PREDICTIONS_ARTIFACT}")  # found from the copy
+    assert [json.loads(line)["id"] for line in logged.splitlines()] == [f["id"] for f in data["v1"][1].facts]
     assert run.data.tags["morer1.stage"] == "register" and run.data.tags["morer1.promotion"] == "promoted"
     assert run.data.params["register.model_name"] == CFG.model_name
     assert run.data.params["register.candidates_model_name"] == CFG.candidates_model_name
@@ -266,6 +315,32 @@ def test_pyfunc_round_trip_matches_the_model_folder(registered, tiny):
     assert local["completion"].tolist() == served["completion"].tolist()
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    ("no-key", "names no dev_predictions .* rerun evaluate"),
+    ("missing", r"predictions_dev.jsonl: \[Errno 2\]"),
+    ("no-image", r"predictions_dev.jsonl: row 1 lacks \['image'\]"),
+    ("not-a-label", "row 2: relation 'none' or predicted 'married' is not a label of the set"),
+    ("repeated", "row 3: fact id 'dev-000000' again"),
+])
+def test_register_refuses_chosen_json_without_good_predictions(tiny, data, tmp_path, change, message):
+    """Predictions are checked before anything is logged: promotion could never compare a version without them."""
+    rows = [{**f, "predicted": f["relation"], "completion": ""} for f in data["v1"][1].facts]
+    chosen = chosen_json(tmp_path, tiny[0], {"dev_f1": 0.5}, data["v1"][1], rows)
+    if change == "no-key":
+        chosen.write_text(json.dumps({k: v for k, v in json.loads(chosen.read_text()).items()
+                                      if k != "dev_predictions"}))
+    elif change == "missing":
+        (tmp_path / "predictions_dev.jsonl").unlink()
+    else:
+        edited = {"no-image": [{k: v for k, v in rows[0].items() if k != "image"}, *rows[1:]],
+                  "not-a-label": [rows[0], {**rows[1], "predicted": "married"}, *rows[2:]],
+                  "repeated": [*rows[:2], rows[0]]}[change]
+        (tmp_path / "predictions_dev.jsonl").write_text(jsonl(edited))
+    with pytest.raises(BadInputError, match=message):
+        registry.run(named("bad-predictions", facts=str(data["v1"][0])), chosen, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_register_refuses_metrics_without_the_compared_one(tiny, data, tmp_path):
     with pytest.raises(BadInputError, match="lack 'dev_f1'"):
         registry.run(CFG.model_copy(update={"facts": str(data["v1"][0])}),
@@ -307,45 +382,121 @@ def test_first_challenger_becomes_champion_then_no_op(registered):
     name = "first"
     with pytest.raises(BadInputError, match="no 'challenger' version"):
         registry.promote(named(name))
-    version = add_version(registered, name, 0.5, None)
+    version = add_version(registered, name, None, None)  # no predictions: nothing to compare them with either
     decision = registry.promote(named(name))
     assert (decision["decision"], decision["reason"]) == ("promoted", "no champion yet")
+    assert decision["delta"] is None and decision["rule"] == registry.rule(named(name))
     assert aliases(name) == {CHALLENGER: version, CHAMPION: version}
     again = registry.promote(named(name))
     assert again["decision"] == "already_champion" and aliases(name)[CHAMPION] == version
 
 
-@pytest.mark.parametrize(("champion", "challenger", "expected"), [
-    (0.50, 0.60, "promoted"),  # better by more than the margin
-    (0.50, 0.40, "kept"),  # worse
-    (0.50, 0.503, "kept"),  # better, within the margin
-    (0.50, None, "kept"),  # challenger without the metric
-], ids=["better", "worse", "tie", "no-metric"])
-def test_promotion_decision(registered, data, champion, challenger, expected, monkeypatch):
-    """Champion and challenger scored on one dev set with one setting: their tags are compared, nothing re-scored."""
-    name = f"case-{str(challenger).replace('.', '_')}"
-    old = add_version(registered, name, champion, data["v1"][1])
+def duel(registered, data, name: str, old: list[dict], new: list[dict], monkeypatch) -> tuple[dict, str, str]:
+    """A champion answering `old`, then a challenger answering `new`, both scored on dev set v1 with EVAL: the
+    promotion decision (nothing re-scored: their own predictions are paired) and both candidate versions."""
+    champion = add_version(registered, name, old, data["v1"][1])
     registry.promote(named(name))
-    new = add_version(registered, name, challenger, data["v1"][1])
+    challenger = add_version(registered, name, new, data["v1"][1])
     monkeypatch.setattr(evaluate, "predict_facts", lambda *a: pytest.fail("same data: nothing to re-score"))
-    decision = registry.promote(named(name, facts="no/such/folder"))
-    assert decision["decision"] == expected
-    if challenger is not None:
-        assert decision["champion_scored"] == "tag, same data" and "(tag, same data)" in decision["reason"]
-        assert decision["challenger_dev_set"] == decision["champion_dev_set"] == data["v1"][1].sha256
-    assert aliases(name)[CHAMPION] == (new if expected == "promoted" else old)
+    return registry.promote(named(name, facts="no/such/folder")), champion, challenger
+
+
+def test_a_small_gain_on_a_small_dev_set_is_kept(registered, data, monkeypatch):
+    """+0.01 F1 on 100 facts (8 facts won, 7 lost): above the champion as a point, not above 0 at 95 %."""
+    name = "small-gain"
+    new_right = lambda i: (champion_right(i) and i not in {0, 11, 22, 33, 44, 55, 66}) or i in {
+        7, 18, 29, 37, 48, 59, 77, 88}
+    decision, old, new = duel(registered, data, name, answers(SMALL, champion_right), answers(SMALL, new_right),
+                              monkeypatch)
+    assert decision["challenger_value"] == pytest.approx(0.71) and decision["champion_value"] == pytest.approx(0.7)
+    assert decision["delta"] == pytest.approx(0.01) and decision["delta_lo"] < 0 < decision["delta_hi"]
+    assert (decision["n_facts"], decision["n_pairs"], decision["wins"], decision["losses"]) == (100, 20, 8, 7)
+    assert decision["decision"] == "kept" and aliases(name)[CHAMPION] == old
+    assert decision["champion_scored"] == "own predictions, same dev set"
+    assert decision["reason"] == (
+        f"dev_f1 +0.0100 [{decision['delta_lo']:+.4f}, {decision['delta_hi']:+.4f}] over champion (own predictions, "
+        f"same dev set): lower bound not above 0.0 (n=100 facts, 20 pairs, p={decision['p_value']:.2g})")
+    assert decision["p_value"] > 0.5 and (decision["confidence"], decision["min_delta"]) == (0.95, 0.0)
+    assert decision["rule"] == ("promote when the 95 % paired-bootstrap lower bound of Δdev_f1 > 0.0 (2000 resamples "
+                                "of image-title pairs, seed 0)")
     tags = candidate(name, new).tags
-    assert tags["promotion.decision"] == expected and tags["promotion.reason"] == decision["reason"]
-    assert tags["promotion.champion_tag_value"] == "0.5" and tags["promotion.champion_version"] == old
-    assert tags["promotion.champion_value"] == ("0.5" if challenger is not None else "None")  # the number compared
-    assert tags["promotion.challenger_value"] == str(challenger) and tags["promotion.timestamp"]
+    assert tags["promotion.decision"] == "kept" and tags["promotion.reason"] == decision["reason"]
+    assert (tags["promotion.delta_lo"], tags["promotion.n_pairs"]) == (str(decision["delta_lo"]), "20")
+    assert tags["promotion.champion_tag_value"] == "0.7"
+    assert tags["promotion.champion_version"] == str(served(name).version)
+    line = registry.decision_line(decision)
+    assert line.startswith(f"kept: Δdev_f1 +0.0100 [{decision['delta_lo']:+.4f}, ") and "\n" not in line
+    assert "(95 %), 100 facts, 20 pairs, p=" in line and line.endswith(decision["reason"])
+
+
+def test_a_large_gain_on_a_large_dev_set_is_promoted(registered, data, monkeypatch):
+    """+0.05 F1 on 4000 facts in 800 pairs (300 won, 100 lost): above 0 at 95 %."""
+    name = "large-gain"
+    new_right = lambda i: (champion_right(i) and i % 40 != 0) or i % 40 in (7, 18, 29)
+    decision, _, new = duel(registered, data, name, answers(LARGE, champion_right), answers(LARGE, new_right),
+                            monkeypatch)
+    assert decision["delta"] == pytest.approx(0.05) and 0 < decision["delta_lo"] < 0.05 < decision["delta_hi"]
+    assert (decision["n_facts"], decision["n_pairs"], decision["wins"], decision["losses"]) == (4000, 800, 300, 100)
+    assert decision["p_value"] < 0.01
+    assert decision["decision"] == "promoted" and aliases(name) == {CHALLENGER: new, CHAMPION: new}
+    assert decision["reason"].startswith(f"dev_f1 +0.0500 [{decision['delta_lo']:+.4f}, ")
+    assert decision["reason"].endswith(f"lower bound above 0.0 (n=4000 facts, 800 pairs, p={decision['p_value']:.2g})")
+    assert json.loads(served(name).tags["promotion"]) == {**decision, "served_version": str(served(name).version)}
+
+
+@pytest.mark.parametrize("case", ["identical", "worse"])
+def test_no_better_challenger_is_kept(registered, data, case, monkeypatch):
+    name = f"no-better-{case}"
+    new_right = champion_right if case == "identical" else lambda i: i % 10 < 6
+    decision, old, _ = duel(registered, data, name, answers(SMALL, champion_right), answers(SMALL, new_right),
+                            monkeypatch)
+    assert decision["decision"] == "kept" and aliases(name)[CHAMPION] == old
+    if case == "identical":
+        assert (decision["delta"], decision["delta_lo"], decision["delta_hi"], decision["p_value"]) == (0, 0, 0, 1)
+        assert (decision["wins"], decision["losses"]) == (0, 0)
+        assert "+0.0000 [+0.0000, +0.0000]" in decision["reason"]
+    else:
+        assert decision["delta"] == pytest.approx(-0.1) and decision["delta_hi"] < 0
+
+
+@pytest.mark.parametrize("case", ["other-ids", "other-golds"])
+def test_predictions_of_other_facts_are_refused(registered, data, case, monkeypatch):
+    """Same dev set and settings recorded, yet the two files answer other facts: nothing is compared."""
+    name = f"unpaired-{case}"
+    new = answers(SMALL, lambda i: True)
+    if case == "other-ids":
+        new[3] = {**new[3], "id": "dev-elsewhere"}
+    else:
+        new[3] = {**new[3], "relation": RELATIONS[5], "predicted": RELATIONS[5]}
+    decision, old, _ = duel(registered, data, name, answers(SMALL, champion_right), new, monkeypatch)
+    assert decision["decision"] == "refused" and aliases(name)[CHAMPION] == old
+    assert decision["delta"] is None and decision["champion_scored"] == "own predictions, same dev set"
+    assert decision["reason"].startswith("the challenger's dev predictions and the champion's (own predictions, same "
+                                         "dev set) cannot be paired: ")
+    assert decision["reason"].endswith(
+        "they answer other facts: 1 fact ids only the challenger's ['dev-elsewhere'], 1 only the champion's "
+        "['dev-000003']" if case == "other-ids" else
+        "1 facts have another gold relation in the two, e.g. ['dev-000003']")
+
+
+def test_challenger_without_predictions_is_refused(registered, data, monkeypatch):
+    name = "no-predictions"
+    old = add_version(registered, name, answers(SMALL, champion_right), data["v1"][1])
+    registry.promote(named(name))
+    new = add_version(registered, name, None, data["v1"][1])
+    monkeypatch.setattr(evaluate, "predict_facts", lambda *a: pytest.fail("nothing to pair a re-score with"))
+    decision = registry.promote(named(name))
+    assert decision["decision"] == "refused" and aliases(name)[CHAMPION] == old
+    run_id = candidate(name, new).run_id
+    assert decision["reason"] == (f"challenger version {new} has no dev predictions (evaluation/dev_predictions.jsonl "
+                                  f"of its run {run_id}): its answers cannot be paired with the champion's")
 
 
 def test_failed_promotion_keeps_the_champion(registered, data, monkeypatch):
     name = "failing"
-    old = add_version(registered, name, 0.5, data["v1"][1])
+    old = add_version(registered, name, answers(SMALL, lambda i: i % 10 < 3), data["v1"][1])
     registry.promote(named(name))
-    new = add_version(registered, name, 0.9, data["v1"][1])
+    new = add_version(registered, name, answers(SMALL, lambda i: True), data["v1"][1])
 
     def broken(self, name, alias, version):
         raise RuntimeError("registry down")
@@ -374,10 +525,10 @@ def direct_f1(model_dir: Path, folder: Path) -> float:
 
 def test_champion_of_other_data_is_rescored_on_the_challengers_dev_set(registered, tiny, data, tmp_path,
                                                                        monkeypatch):
-    """Champion scored 0.9 on v1's dev set, challenger 0.3 on v2's: tag against tag would keep the champion; the
-    champion's registered model scored on v2's dev facts is what the challenger is compared with."""
+    """Champion scored 1.0 on v1's dev set, challenger on v2's: the champion's registered model's answers to v2's dev
+    facts are what the challenger's predictions are paired with."""
     name, (v2, dev2) = "drift", data["v2"]
-    champion = add_version(registered, name, 0.9, data["v1"][1])
+    champion = add_version(registered, name, answers(data["v1"][1].facts, lambda i: True), data["v1"][1])
     registry.promote(named(name))
     champion_copy = served(name).version
     expected = direct_f1(tiny[0], v2)
@@ -397,17 +548,22 @@ def test_champion_of_other_data_is_rescored_on_the_challengers_dev_set(registere
     decision, new = summary["promotion"], summary["version"]
     # one evaluation: the champion's registered model (not the challenger's folder) on v2's dev facts, with EVAL
     assert calls == [(folder_sha256(tiny[0]), [f["id"] for f in dev2.facts], v2, EVAL)]
-    assert decision["champion_value"] == expected and decision["champion_tag_value"] == 0.9
+    assert decision["champion_value"] == expected < 1 and decision["champion_tag_value"] == 1.0
+    assert decision["challenger_value"] == 1.0  # chosen.json's predictions: every fact right
     assert decision["champion_scored"] == (f"re-scored on dev set {dev2.sha256[:12]} (4 facts of {v2}; data version "
                                            f"{decision['challenger_data_version']})")
     assert (decision["challenger_dev_set"], decision["champion_dev_set"]) == (dev2.sha256, data["v1"][1].sha256)
     assert decision["challenger_data_version"] and decision["champion_data_version"]
+    # the four facts share one photo: one pair, so every resample holds them all and the interval is the point
+    assert (decision["n_facts"], decision["n_pairs"]) == (4, 1)
+    assert decision["delta"] == decision["delta_lo"] == decision["delta_hi"] == pytest.approx(1 - expected)
     assert decision["decision"] == "promoted" and decision["reason"] == (
-        f"dev_f1 0.3000 beats champion {expected:.4f} ({decision['champion_scored']}) by more than 0.005")
+        f"dev_f1 {1 - expected:+.4f} [{1 - expected:+.4f}, {1 - expected:+.4f}] over champion "
+        f"({decision['champion_scored']}): lower bound above 0.0 (n=4 facts, 1 pairs, p={decision['p_value']:.2g})")
     assert aliases(name) == {CHALLENGER: new, CHAMPION: new}
     assert json.loads((tmp_path / "out" / "registered.json").read_text())["promotion"] == decision
     tags = candidate(name, new).tags
-    assert tags["promotion.champion_value"] == str(expected) and tags["promotion.champion_tag_value"] == "0.9"
+    assert tags["promotion.champion_value"] == str(expected) and tags["promotion.champion_tag_value"] == "1.0"
     assert tags["promotion.champion_scored"] == decision["champion_scored"]
     assert (tags["promotion.challenger_dev_set"], tags["promotion.champion_dev_set"]) == (
         dev2.sha256, data["v1"][1].sha256)
@@ -415,26 +571,33 @@ def test_champion_of_other_data_is_rescored_on_the_challengers_dev_set(registere
         f"rescored.{dev2.sha256[:12]}.dev_f1"] == repr(expected)
 
 
-@pytest.mark.parametrize("case", ["facts-missing", "other-facts", "challenger-records-none"])
+@pytest.mark.parametrize("case", ["facts-missing", "other-facts", "challenger-records-none",
+                                  "champion-without-predictions"])
 def test_promotion_refuses_what_it_cannot_score_on_one_dev_set(registered, data, tmp_path, case, monkeypatch):
     """`morer1 promote` where the challenger's dev facts are not (a machine without the data, or another data
-    version), or for a challenger that records no dev set: refused with the reason; the champion stays."""
+    version), for a challenger that records no dev set, or for a champion of the same dev set without its
+    predictions (a re-score is then needed): refused with the reason; the champion stays."""
     name = f"refuse-{case}"
-    old = add_version(registered, name, 0.5, data["v1"][1])
+    old = add_version(registered, name, None if case == "champion-without-predictions" else answers(
+        data["v1"][1].facts, lambda i: True), data["v1"][1])
     registry.promote(named(name))
-    new = add_version(registered, name, 0.9, None if case == "challenger-records-none" else data["v2"][1])
+    dev = {"challenger-records-none": None, "champion-without-predictions": data["v1"][1]}.get(case, data["v2"][1])
+    new = add_version(registered, name, answers((dev or data["v2"][1]).facts, lambda i: True), dev)
     facts = {"facts-missing": tmp_path / "absent", "other-facts": data["v1"][0],
-             "challenger-records-none": data["v2"][0]}[case]
+             "challenger-records-none": data["v2"][0], "champion-without-predictions": tmp_path / "absent"}[case]
     monkeypatch.setattr(evaluate, "predict_facts", lambda *a: pytest.fail("no evaluation may run"))
     decision = registry.promote(named(name, facts=str(facts)))
     assert decision["decision"] == "refused" and aliases(name)[CHAMPION] == old
     assert decision["champion_value"] is None and decision["champion_scored"] is None
-    assert decision["challenger_value"] == 0.9 and decision["champion_tag_value"] == 0.5
+    assert decision["challenger_value"] is None and decision["delta"] is None
+    assert decision["champion_tag_value"] == (None if case == "champion-without-predictions" else 1.0)
     why = {"facts-missing": f"{facts / 'dev.jsonl'}: missing",
            "other-facts": f"{facts} holds dev set {data['v1'][1].sha256[:12]}, not the challenger's "
                           f"{data['v2'][1].sha256[:12]}",
-           "challenger-records-none": f"challenger version {new} records no dev set"}[case]
-    assert why in decision["reason"] and "unlike dev_f1 numbers are not compared" in decision["reason"]
+           "challenger-records-none": f"challenger version {new} records no dev set",
+           "champion-without-predictions": f"champion version {served(name).version} has no dev predictions"}[case]
+    assert why in decision["reason"] and decision["reason"].endswith(
+        "without both models' answers to the same facts nothing is compared")
     tags = candidate(name, new).tags
     assert tags["promotion.decision"] == "refused" and tags["promotion.reason"] == decision["reason"]
 

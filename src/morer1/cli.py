@@ -162,18 +162,17 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_register(args) -> None:
-    from morer1.registry import RegisterConfig, run
+    from morer1.registry import RegisterConfig, decision_line, run
 
     s = run(_config(args, "register", RegisterConfig), Path(args.chosen), Path(args.out))
     print(f"registered {s['model_name']} version {s['version']} ({s['model_dir']}) as challenger; "
-          f"{s['promotion']['decision']}: {s['promotion']['reason']}")
+          f"{decision_line(s['promotion'])}")
 
 
 def cmd_promote(args) -> None:
-    from morer1.registry import RegisterConfig, promote
+    from morer1.registry import RegisterConfig, decision_line, promote
 
-    decision = promote(_config(args, "register", RegisterConfig))
-    print(f"{decision['decision']}: {decision['reason']}")
+    print(decision_line(promote(_config(args, "register", RegisterConfig))))
 
 
 def cmd_predict(args) -> None:
@@ -306,8 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for registered.json")
     p.set_defaults(func=cmd_register)
 
-    p = sub.add_parser("promote", help="move alias champion to the challenger if it beats the champion on dev",
-                       sections=("register",))
+    p = sub.add_parser(
+        "promote", help="move alias champion to the challenger if it beats the champion on dev with confidence",
+        description="Compare the challenger of register.candidates_model_name with the champion of "
+                    "register.model_name on the same dev facts (paired by fact id; the champion re-scored on the "
+                    "challenger's dev facts when it was scored on other data) and copy it in as champion when the "
+                    "lower bound of the paired-bootstrap interval of the difference in register.metric is above "
+                    "register.min_delta. Prints the decision in one line.",
+        sections=("register",))
     p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("predict", help="label and rationale for one input, or a JSONL batch")

@@ -425,7 +425,7 @@ def promotion_markdown(decision: dict) -> str:
     return (f"Promotion of `{source}` version {decision['challenger_version']} into `{decision['model_name']}`: "
             f"**{decision['decision']}** — {decision['reason']} (champion before: "
             f"{_cell(decision['champion_version'])}, {decision['metric']} {_cell(decision['challenger_value'])} "
-            f"vs {_cell(decision['champion_value'])}, margin {decision['margin']}).\n")
+            f"vs {_cell(decision['champion_value'])}; {decision['rule']}).\n")
 
 
 def summary_markdown(project_dir: str | Path, results: list[dict], run_id: str, experiment_id: str,

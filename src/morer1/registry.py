@@ -1,26 +1,30 @@
 """Register stage: the model evaluate chose, registered in MLflow as `challenger` of the candidates model, then
-promoted to `champion` of the served model when it beats the champion on dev.
+promoted to `champion` of the served model when it beats the champion on dev with confidence.
 
 Two registered models: the pipeline registers every chosen model into `candidates_model_name` (alias `challenger`);
 promotion copies the winning candidate version into `model_name` and moves `champion` there. On servers with
 MLflow's basic-auth app, registering a version and moving an alias both need EDIT on the registered model, so only
 two models let the pipeline's account register without being able to move `champion` (infra/servers/README.md).
 
-Register reads only `chosen.json` written by evaluate: the model folder and its content hash, the label set it
-was scored with, and the metrics the version is tagged with. Each registered version carries tags `git_commit`,
-`dvc_lock_sha256`, `data_version`, `model_dir`, `model_sha256`, one tag per metric (e.g. `dev_f1`), and the identity
-of the evaluation its dev metrics came from: `dev_set` (the fingerprint of the dev facts scored, see `dev_set`) and
-`dev_eval` (the evaluate settings that scored them, as JSON), and `serve_config` (the logged pyfunc's
-`model_config`, as JSON).
+Register reads only `chosen.json` written by evaluate and the file it names: the model folder and its content hash,
+the label set it was scored with, the metrics the version is tagged with, and `dev_predictions` (evaluate's
+predictions_dev.jsonl: the model's answer to each dev fact), logged in the version's run as `PREDICTIONS_ARTIFACT`.
+Each registered version carries tags `git_commit`, `dvc_lock_sha256`, `data_version`, `model_dir`, `model_sha256`,
+one tag per metric (e.g. `dev_f1`), and the identity of the evaluation its dev metrics came from: `dev_set` (the
+fingerprint of the dev facts scored, see `dev_set`) and `dev_eval` (the evaluate settings that scored them, as JSON),
+and `serve_config` (the logged pyfunc's `model_config`, as JSON).
 
 Registration and promotion survive being killed at any point and rerun: a candidate version with the same
-`model_sha256`, `data_version`, `dev_set`, `dev_eval` and `serve_config` is reused (its tags set again), and so is a
-copy of the challenger already in the served model; `champion` is moved in one registry call, never deleted.
+`model_sha256`, `data_version`, `dev_set`, `dev_eval` and `serve_config` is reused (its tags and predictions set
+again), and so is a copy of the challenger already in the served model; `champion` is moved in one registry call,
+never deleted.
 
-`promote` compares like with like: the champion's metric tag only when the champion was scored on the same dev set
-with the same settings as the challenger; otherwise it scores the champion's registered model on the challenger's
-dev facts (evaluate's own `predict_facts` and `score`) or, when it cannot, refuses. The served model itself is
-`morer1.serve`.
+`promote` compares the two models' answers to the same dev facts: the challenger's logged predictions, paired by fact
+id with the champion's own when the champion was scored on the same dev set with the same settings, else with the
+champion's registered model's answers to the challenger's dev facts (evaluate's own `predict_facts`), or, when it can
+do neither, refuses. The challenger wins when the lower bound of the paired pair-bootstrap interval of the
+difference in `metric` (`metrics.paired_bootstrap`: the same resampled image-title pairs for both models) is above
+`min_delta`: better with `confidence`, not by a point estimate. The served model itself is `morer1.serve`.
 """
 
 from __future__ import annotations
@@ -33,13 +37,13 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import mlflow
 from pydantic import Field, model_validator
 
 from morer1.errors import BadInputError
-from morer1.files import write_text_atomic
+from morer1.files import read_jsonl, write_text_atomic
 # MorePredictor is also looked up here by versions registered before it moved to morer1.serve (their pickle names
 # morer1.registry.MorePredictor).
 from morer1.serve import OUTPUT_EXAMPLE, PARAMS_EXAMPLE, MorePredictor, ServeConfig, input_example, serve_model_config
@@ -57,7 +61,9 @@ DEV_EVAL_TAG = "dev_eval"  # JSON of the evaluate settings that computed them
 SERVE_TAG = "serve_config"  # JSON of the logged pyfunc's model_config (the served model's generation and limits)
 IDENTITY_TAGS = ("model_sha256", "data_version", DEV_SET_TAG, DEV_EVAL_TAG, SERVE_TAG)  # one registration
 PROMOTION_TAG = "promotion"  # on a copy in the served model: the decision that made it champion, as JSON
-SAME_DATA = "tag, same data"  # `champion_scored` when the champion's own tag is compared
+PREDICTIONS_ARTIFACT = "evaluation/dev_predictions.jsonl"  # in a version's run: its answer to each dev fact
+PREDICTION_KEYS = ("id", "image", "relation", "predicted")  # what pairing reads of each row of it
+SAME_DATA = "own predictions, same dev set"  # `champion_scored` when the champion's logged predictions are paired
 # What the logged model needs besides morer1 itself; given explicitly, so MLflow never loads the model to infer it.
 REQUIREMENTS = ("mlflow", "torch", "torchvision", "transformers", "tokenizers", "pillow", "pandas", "pydantic",
                 "pyyaml")
@@ -78,15 +84,25 @@ class RegisterConfig(ServeConfig):
         True, description="Run the promotion gate in the register stage. false where the pipeline's MLflow account may "
                           "not write to `model_name` (team servers with auth): the promotion flow, run with the "
                           "promoter's account, decides.")
-    metric: str = Field(
-        "dev_f1", min_length=1, description="Dev metric (a version tag) on which challenger and champion are compared.")
-    margin: float = Field(
-        0.005, ge=0, description="Promote only a challenger whose metric beats the champion's by more than this.")
+    metric: Literal["dev_accuracy", "dev_precision", "dev_recall", "dev_f1"] = Field(
+        "dev_f1", description="Dev figure (dev_accuracy, dev_precision, dev_recall or dev_f1) whose paired difference "
+                              "(challenger minus champion, on the same dev facts) decides promotion.")
+    min_delta: float = Field(
+        0.0, ge=-1, lt=1,
+        description="Promote only when the lower bound of the paired-bootstrap interval of the metric's difference is "
+                    "above this (0: better with `confidence`).")
+    confidence: float = Field(
+        0.95, gt=0, lt=1, description="Confidence of that interval (0.95: from the 2.5 % to the 97.5 % quantile).")
+    bootstrap_resamples: int = Field(
+        2000, ge=1, description="Resamples of the paired bootstrap (each draws the dev set's image-title pairs with "
+                                "replacement and keeps all their facts).")
+    bootstrap_seed: int = Field(0, description="Seed of the bootstrap resamples.")
     facts: str = Field(
         "data/ingested", min_length=1,
         description="Ingested facts folder evaluate scored (whose dev split evaluate fingerprinted as the version's dev "
                     "set in chosen.json): promotion re-scores the champion on it when the champion was scored on other "
-                    "dev data, and refuses when it does not hold the challenger's dev set.")
+                    "dev data (or logged no dev predictions), and refuses when it does not hold the challenger's dev "
+                    "set.")
 
     @model_validator(mode="after")
     def _two_models(self) -> RegisterConfig:
@@ -169,13 +185,46 @@ def register_version(model_uri: str, cfg: RegisterConfig, metrics: dict, tags: d
     return client.get_model_version(cfg.candidates_model_name, registered.version)
 
 
-def register_model(model_dir: str | Path, labels_path: str | Path, cfg: RegisterConfig, metrics: dict,
-                   tags: dict) -> ModelVersion:
-    """Log the model as a pyfunc in the active run, register it as a candidate, alias it `challenger`.
+def check_predictions(rows: list[dict], where: str, labels=None) -> list[dict]:
+    """`rows` when they are dev predictions as evaluate writes them: at least one, each with `PREDICTION_KEYS`, fact
+    ids distinct, and (given `labels`) each gold a label and each answer a label or None (invalid); else BadInputError
+    naming `where` and the row."""
+    if not rows:
+        raise BadInputError(f"{where}: no predictions")
+    seen = set()
+    for number, row in enumerate(rows, 1):
+        missing = [key for key in PREDICTION_KEYS if key not in row]
+        if missing:
+            raise BadInputError(f"{where}: row {number} lacks {missing}")
+        if row["id"] in seen:
+            raise BadInputError(f"{where}: row {number}: fact id {row['id']!r} again")
+        seen.add(row["id"])
+        if labels is not None and (row["relation"] not in labels or not (row["predicted"] is None
+                                                                          or row["predicted"] in labels)):
+            raise BadInputError(f"{where}: row {number}: relation {row['relation']!r} or predicted "
+                                f"{row['predicted']!r} is not a label of the set")
+    return rows
 
-    `metrics` must hold `cfg.metric`; every metric becomes a run metric and a version tag. A candidate version with
-    the same `identity` (a rerun after a kill, or of the same model on the same data) is reused: its tags are set to
-    this registration's and it becomes `challenger`; nothing is logged or registered again.
+
+def read_predictions(path: str | Path, where: str, labels=None) -> list[dict]:
+    """The dev predictions of a JSON-lines file, checked (`check_predictions`); BadInputError when unreadable."""
+    try:
+        rows = read_jsonl(path)
+    except (OSError, ValueError) as exc:  # json's JSONDecodeError is a ValueError
+        raise BadInputError(f"{where}: {exc}") from None
+    return check_predictions(rows, where, labels)
+
+
+def register_model(model_dir: str | Path, labels_path: str | Path, predictions: str | Path, cfg: RegisterConfig,
+                   metrics: dict, tags: dict) -> ModelVersion:
+    """Log the dev predictions file and the model as a pyfunc in the active run, register it as a candidate, alias it
+    `challenger`.
+
+    `metrics` must hold `cfg.metric`; every metric becomes a run metric and a version tag. `predictions` (evaluate's
+    predictions_dev.jsonl, checked by the caller) is logged as `PREDICTIONS_ARTIFACT`, before the model, so every
+    version's run holds it. A candidate version with the same `identity` (a rerun after a kill, or of the same model
+    on the same data) is reused: its tags and its run's predictions are set to this registration's and it becomes
+    `challenger`; nothing else is logged or registered again.
     """
     from mlflow import MlflowClient
 
@@ -191,9 +240,12 @@ def register_model(model_dir: str | Path, labels_path: str | Path, cfg: Register
     client = MlflowClient()
     wanted = version_tags(metrics, {**tags, SERVE_TAG: json.dumps(serve_model_config(cfg), sort_keys=True)})
     existing = registered_as(client, cfg.candidates_model_name, wanted)
+    text = Path(predictions).read_text(encoding="utf-8")
     if existing is None:
+        mlflow.log_text(text, PREDICTIONS_ARTIFACT)
         return register_version(log_predictor(model_dir, labels_path, cfg), cfg, metrics,
                                 {**tags, SERVE_TAG: wanted[SERVE_TAG]})
+    client.log_text(existing.run_id, text, PREDICTIONS_ARTIFACT)
     for key, value in wanted.items():
         if existing.tags.get(key) != value:
             client.set_model_version_tag(cfg.candidates_model_name, existing.version, key, value)
@@ -231,9 +283,9 @@ def evaluation_of(model_version: ModelVersion) -> tuple[str, str] | None:
     return (tags[DEV_SET_TAG], tags[DEV_EVAL_TAG]) if DEV_SET_TAG in tags and DEV_EVAL_TAG in tags else None
 
 
-def tag_unusable(cfg: RegisterConfig, champion: ModelVersion, challenger: ModelVersion) -> str | None:
-    """Why the champion's own metric tag cannot be compared with the challenger's, or None when it can: both were
-    scored in one evaluation (same dev set, same evaluate settings) and the champion's tag is a number."""
+def other_evaluation(champion: ModelVersion, challenger: ModelVersion) -> str | None:
+    """Why the champion's own dev predictions are not answers to the challenger's dev facts, or None when they are:
+    both were scored in one evaluation (same dev set, same evaluate settings)."""
     mine, theirs = evaluation_of(challenger), evaluation_of(champion)
     if theirs is None:
         return f"champion version {champion.version} records no dev set (tags {DEV_SET_TAG!r}, {DEV_EVAL_TAG!r})"
@@ -246,8 +298,6 @@ def tag_unusable(cfg: RegisterConfig, champion: ModelVersion, challenger: ModelV
     if mine[1] != theirs[1]:
         return (f"champion version {champion.version} was scored with evaluate settings {theirs[1]}, the challenger "
                 f"with {mine[1]}")
-    if tag_metric(champion, cfg.metric) is None:
-        return f"champion version {champion.version} has no numeric {cfg.metric!r} tag"
     return None
 
 
@@ -262,19 +312,17 @@ def registered_model_dir(name: str, version: str, dst: str | Path) -> Path:
     return local / artifacts["model"]["path"]
 
 
-def rescore(cfg: RegisterConfig, champion: ModelVersion, challenger: ModelVersion) -> tuple[float, DevSet]:
-    """The champion's `cfg.metric` on the challenger's dev set, scored as evaluate scored the challenger.
+def rescore(cfg: RegisterConfig, champion: ModelVersion, challenger: ModelVersion) -> tuple[list[dict], DevSet]:
+    """The champion's answers to the challenger's dev facts, generated as evaluate generated the challenger's, and
+    that dev set.
 
     The dev facts are those of `cfg.facts`, which must fingerprint to the challenger's `dev_set`; the settings are
-    the challenger's `dev_eval`; the model is the champion's registered one; generation and the MORE metrics are
-    evaluate's own `predict_facts` and `score`. BadInputError saying why when any of it is missing or differs.
+    the challenger's `dev_eval`; the model is the champion's registered one; generation is evaluate's own
+    `predict_facts` (each row a dev fact with `predicted` and `completion`). BadInputError saying why when any of it
+    is missing or differs.
     """
-    from morer1.evaluate import EvaluateConfig, dev_set, predict_facts, score
-    from morer1.metrics import SUMMARY_KEYS
+    from morer1.evaluate import EvaluateConfig, dev_set, predict_facts
 
-    split, _, key = cfg.metric.partition("_")
-    if split != "dev" or key not in SUMMARY_KEYS:
-        raise BadInputError(f"{cfg.metric!r} is not a dev metric evaluate computes (dev_<{'|'.join(SUMMARY_KEYS)}>)")
     recorded = evaluation_of(challenger)
     if recorded is None:
         raise BadInputError(f"challenger version {challenger.version} records no dev set "
@@ -290,8 +338,55 @@ def rescore(cfg: RegisterConfig, champion: ModelVersion, challenger: ModelVersio
     with tempfile.TemporaryDirectory(prefix="morer1-champion-") as tmp:
         rows = predict_facts(registered_model_dir(cfg.model_name, champion.version, tmp), dev.facts, dev.facts_dir,
                              dev.labels, settings)
-    # score() also computes evaluate's baselines from train labels; they are not compared: the dev golds stand in.
-    return float(score(rows, dev.labels, [r["relation"] for r in rows], settings.seed)[key]), dev
+    return rows, dev
+
+
+def logged_predictions(version: ModelVersion, dst: str | Path) -> list[dict] | None:
+    """The dev predictions logged with `version` (`PREDICTIONS_ARTIFACT` of its run; a copy in the served model keeps
+    the run), downloaded into `dst` and checked; None when its run holds none."""
+    from mlflow import MlflowClient
+
+    folder = PREDICTIONS_ARTIFACT.rpartition("/")[0]
+    if not version.run_id or PREDICTIONS_ARTIFACT not in {
+            info.path for info in MlflowClient().list_artifacts(version.run_id, folder)}:
+        return None
+    path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=PREDICTIONS_ARTIFACT,
+                                               dst_path=str(dst))
+    return read_predictions(path, f"{PREDICTIONS_ARTIFACT} of run {version.run_id}")
+
+
+def paired(challenger_rows: list[dict], champion_rows: list[dict]) -> list[tuple[dict, dict]]:
+    """The challenger's and the champion's row of each dev fact, paired by fact id in the challenger's order;
+    BadInputError when the two hold other fact ids, or another gold relation for one id."""
+    theirs = {row["id"]: row for row in champion_rows}
+    mine = {row["id"] for row in challenger_rows}
+    if mine != set(theirs):
+        only_mine, only_theirs = sorted(mine - set(theirs), key=str), sorted(set(theirs) - mine, key=str)
+        raise BadInputError(f"they answer other facts: {len(only_mine)} fact ids only the challenger's "
+                            f"{only_mine[:3]}, {len(only_theirs)} only the champion's {only_theirs[:3]}")
+    differ = [row["id"] for row in challenger_rows if row["relation"] != theirs[row["id"]]["relation"]]
+    if differ:
+        raise BadInputError(f"{len(differ)} facts have another gold relation in the two, e.g. {differ[:3]}")
+    return [(row, theirs[row["id"]]) for row in challenger_rows]
+
+
+def compare(cfg: RegisterConfig, rows: list[tuple[dict, dict]]) -> dict:
+    """Challenger minus champion on paired rows (`paired`): both point values of `cfg.metric` and the paired
+    pair-bootstrap interval of their difference (`metrics.paired_bootstrap`, pairs keyed by each fact's photo), as
+    decision fields."""
+    from morer1.metrics import compute_metrics, paired_bootstrap
+
+    key = cfg.metric.partition("_")[2]
+    golds = [mine["relation"] for mine, _ in rows]
+    new, old = [mine["predicted"] for mine, _ in rows], [theirs["predicted"] for _, theirs in rows]
+    labels = sorted({*golds, *(p for p in new + old if p is not None)})  # every answer is a label (checked) or None
+    stats = paired_bootstrap(golds, new, old, [mine["image"] for mine, _ in rows], labels,
+                             resamples=cfg.bootstrap_resamples, confidence=cfg.confidence, seed=cfg.bootstrap_seed)
+    return {"challenger_value": compute_metrics(golds, new, labels)[key],
+            "champion_value": compute_metrics(golds, old, labels)[key],
+            "delta": stats[f"delta_{key}"], "delta_lo": stats[f"delta_{key}_lo"], "delta_hi": stats[f"delta_{key}_hi"],
+            "p_value": stats[f"p_value_{key}"], "n_facts": stats["n"], "n_pairs": stats["n_pairs"],
+            "wins": stats["wins"], "losses": stats["losses"]}
 
 
 def candidate_uri(cfg: RegisterConfig, version: str) -> str:
@@ -325,15 +420,23 @@ def writing(name: str):
             "set register.promote: false and promote with flows/promote.py") from None
 
 
+def rule(cfg: RegisterConfig) -> str:
+    """The promotion rule of `cfg` in words."""
+    return (f"promote when the {cfg.confidence * 100:g} % paired-bootstrap lower bound of Δ{cfg.metric} > "
+            f"{cfg.min_delta} ({cfg.bootstrap_resamples} resamples of image-title pairs, seed {cfg.bootstrap_seed})")
+
+
 def decision_base(cfg: RegisterConfig, challenger: ModelVersion, champion: ModelVersion | None) -> dict:
-    """The fields of a promotion decision known before deciding."""
+    """The fields of a promotion decision known before deciding; the comparison's are None until made."""
     return {
         "model_name": cfg.model_name, "candidates_model_name": cfg.candidates_model_name, "metric": cfg.metric,
-        "margin": cfg.margin, "challenger_version": str(challenger.version),
-        "champion_version": str(champion.version) if champion else None,
-        "challenger_value": tag_metric(challenger, cfg.metric),
-        "champion_value": None,  # the number compared: the champion's tag on the same data, else its re-score
-        "champion_scored": None,  # how champion_value was obtained
+        "rule": rule(cfg), "min_delta": cfg.min_delta, "confidence": cfg.confidence,
+        "challenger_version": str(challenger.version), "champion_version": str(champion.version) if champion else None,
+        "challenger_value": None, "champion_value": None,  # both models' `metric` on the paired dev facts
+        "delta": None, "delta_lo": None, "delta_hi": None,  # challenger minus champion, its interval at `confidence`
+        "p_value": None, "n_facts": None, "n_pairs": None,  # two-sided; facts and image-title pairs compared
+        "wins": None, "losses": None,  # facts only the challenger, only the champion answers right
+        "champion_scored": None,  # where the champion's answers came from
         "champion_tag_value": tag_metric(champion, cfg.metric) if champion else None,
         "challenger_data_version": challenger.tags.get("data_version"),
         "champion_data_version": champion.tags.get("data_version") if champion else None,
@@ -344,26 +447,81 @@ def decision_base(cfg: RegisterConfig, challenger: ModelVersion, champion: Model
     }
 
 
+def decision_line(decision: dict) -> str:
+    """A promotion decision in one line: the decision, the difference with its interval, facts and pairs, p, reason."""
+    if decision.get("delta") is None:
+        return f"{decision['decision']}: {decision['reason']}"
+    return (f"{decision['decision']}: Δ{decision['metric']} {decision['delta']:+.4f} [{decision['delta_lo']:+.4f}, "
+            f"{decision['delta_hi']:+.4f}] ({decision['confidence'] * 100:g} %), {decision['n_facts']} facts, "
+            f"{decision['n_pairs']} pairs, p={decision['p_value']:.2g}; {decision['reason']}")
+
+
 def tag_decision(client, cfg: RegisterConfig, challenger: ModelVersion, decision: dict) -> None:
-    """Record `decision` as `promotion.*` tags on the challenger's candidate version."""
-    for key in ("decision", "reason", "metric", "margin", "challenger_value", "champion_value", "champion_scored",
-                "champion_tag_value", "champion_version", "served_version", "challenger_data_version",
-                "champion_data_version", "challenger_dev_set", "champion_dev_set", "timestamp"):
+    """Record `decision` as `promotion.*` tags on the challenger's candidate version (the timestamp last: a rerun
+    that finds it missing writes them again)."""
+    for key in ("decision", "reason", "rule", "metric", "min_delta", "confidence", "challenger_value",
+                "champion_value", "delta", "delta_lo", "delta_hi", "p_value", "n_facts", "n_pairs", "wins", "losses",
+                "champion_scored", "champion_tag_value", "champion_version", "served_version",
+                "challenger_data_version", "champion_data_version", "challenger_dev_set", "champion_dev_set",
+                "timestamp"):
         client.set_model_version_tag(cfg.candidates_model_name, challenger.version, f"promotion.{key}",
                                      str(decision[key]))
 
 
-def promote(cfg: RegisterConfig) -> dict:
-    """Make the `challenger` candidate `champion` of the served model if there is no champion or it wins by more
-    than `cfg.margin`.
+def judge(cfg: RegisterConfig, champion: ModelVersion, challenger: ModelVersion, decision: dict,
+          tmp: Path) -> tuple[str, str, DevSet | None]:
+    """Compare the challenger with the champion on the same dev facts, filling `decision`'s comparison fields; return
+    the outcome, its reason and the dev set the champion was re-scored on (None when it was not)."""
+    mine = logged_predictions(challenger, tmp / "challenger")
+    if mine is None:
+        return "refused", (f"challenger version {challenger.version} has no dev predictions ({PREDICTIONS_ARTIFACT} "
+                           f"of its run {challenger.run_id}): its answers cannot be paired with the champion's"), None
+    why, theirs, rescored = other_evaluation(champion, challenger), None, None
+    if why is None:
+        try:
+            theirs = logged_predictions(champion, tmp / "champion")
+        except BadInputError as exc:
+            why = f"champion version {champion.version}: {exc}"
+        if why is None and theirs is None:
+            why = (f"champion version {champion.version} has no dev predictions ({PREDICTIONS_ARTIFACT} of its run "
+                   f"{champion.run_id})")
+    if why is None:
+        how = SAME_DATA
+    else:
+        try:
+            theirs, rescored = rescore(cfg, champion, challenger)
+        except BadInputError as exc:
+            return "refused", (f"{why}; re-scoring the champion on the challenger's dev set is impossible here "
+                               f"({exc}): without both models' answers to the same facts nothing is compared"), None
+        how = (f"re-scored on dev set {rescored.sha256[:12]} ({len(rescored.facts)} facts of {rescored.facts_dir}; "
+               f"data version {decision['challenger_data_version']})")
+    decision["champion_scored"] = how
+    try:
+        decision.update(compare(cfg, paired(mine, theirs)))
+    except BadInputError as exc:
+        return "refused", f"the challenger's dev predictions and the champion's ({how}) cannot be paired: {exc}", None
+    better = decision["delta_lo"] > cfg.min_delta
+    return ("promoted" if better else "kept"), (
+        f"{cfg.metric} {decision['delta']:+.4f} [{decision['delta_lo']:+.4f}, {decision['delta_hi']:+.4f}] over "
+        f"champion ({how}): lower bound {'' if better else 'not '}above {cfg.min_delta} (n={decision['n_facts']} "
+        f"facts, {decision['n_pairs']} pairs, p={decision['p_value']:.2g})"), rescored
 
-    A promotion rests on one evaluation: the champion's own metric tag is compared only when champion and challenger
-    were scored on the same dev set with the same evaluate settings (`champion_scored`: "tag, same data"). Otherwise
-    the champion's registered model is scored on the challenger's dev facts first (`rescore`; "re-scored on ..."),
-    and when that is impossible (e.g. `cfg.facts` missing where promote runs, or not the challenger's dev set) the
-    decision is "refused" with the reason and the champion stays. The decision, with both scores, both data
-    versions and dev sets, is recorded as `promotion.*` tags on the challenger's candidate version (a re-score also
-    as `rescored.<dev set>.<metric>` on the champion's version) and returned.
+
+def promote(cfg: RegisterConfig) -> dict:
+    """Make the `challenger` candidate `champion` of the served model if there is no champion or it beats the
+    champion with confidence: the lower bound of the paired-bootstrap interval (`cfg.confidence`) of challenger minus
+    champion in `cfg.metric`, on the same dev facts, is above `cfg.min_delta`.
+
+    Both models' answers to each dev fact are compared (`judge`): the challenger's logged predictions
+    (`PREDICTIONS_ARTIFACT`; without them the decision is "refused"), paired by fact id with the champion's own when
+    champion and challenger were scored on the same dev set with the same evaluate settings and the champion has
+    them (`champion_scored`: "own predictions, same dev set"); otherwise with the champion's registered model's
+    answers to the challenger's dev facts (`rescore`; "re-scored on ..."). When that is impossible (e.g. `cfg.facts`
+    missing where promote runs, or not the challenger's dev set), or the two answer other facts, the decision is
+    "refused" with the reason and the champion stays. A promotion that finds the challenger no better within the
+    interval is "kept". The decision, with both point values, the difference, its interval and p-value, both data
+    versions and dev sets, is recorded as `promotion.*` tags on the challenger's candidate version (a re-score also as
+    `rescored.<dev set>.<metric>` on the champion's version) and returned.
 
     Every write to the served model comes before the move: the re-score tag, the copy of the candidate version
     (`copy_model_version`, keeping its tags, run and logged model; a copy made by an interrupted promotion is
@@ -392,32 +550,12 @@ def promote(cfg: RegisterConfig) -> dict:
         return {**decision, "decision": "already_champion",
                 "reason": f"candidate version {challenger.version} is already champion (version {champion.version} "
                           f"of {cfg.model_name!r})"}
-    new, rescored = decision["challenger_value"], None
+    rescored = None
     if champion is None:
         outcome, reason = "promoted", "no champion yet"
-    elif new is None:
-        outcome, reason = "kept", f"challenger has no numeric {cfg.metric!r} tag"
     else:
-        why = tag_unusable(cfg, champion, challenger)
-        if why is None:
-            old, how = decision["champion_tag_value"], SAME_DATA
-        else:
-            try:
-                old, rescored = rescore(cfg, champion, challenger)
-                how = (f"re-scored on dev set {rescored.sha256[:12]} ({len(rescored.facts)} facts of "
-                       f"{rescored.facts_dir}; data version {decision['challenger_data_version']})")
-            except BadInputError as exc:
-                old = how = None
-                outcome, reason = "refused", (f"{why}; re-scoring the champion on the challenger's dev set is "
-                                              f"impossible here ({exc}), and unlike {cfg.metric} numbers are not "
-                                              "compared")
-        decision.update(champion_value=old, champion_scored=how)
-        if old is not None and new > old + cfg.margin:
-            outcome, reason = "promoted", (f"{cfg.metric} {new:.4f} beats champion {old:.4f} ({how}) by more than "
-                                           f"{cfg.margin}")
-        elif old is not None:
-            outcome, reason = "kept", (f"{cfg.metric} {new:.4f} does not beat champion {old:.4f} ({how}) by more "
-                                       f"than {cfg.margin}")
+        with tempfile.TemporaryDirectory(prefix="morer1-predictions-") as tmp:
+            outcome, reason, rescored = judge(cfg, champion, challenger, decision, Path(tmp))
     decision.update(decision=outcome, reason=reason)
     with writing(cfg.model_name):
         if rescored is not None:
@@ -445,8 +583,11 @@ def deferred(cfg: RegisterConfig) -> dict:
 
 def run(cfg: RegisterConfig, chosen_path: str | Path, out_dir: str | Path) -> dict:
     """Register the model of evaluate's `chosen.json` as `challenger` of the candidates model (tagged with its metrics
-    and the evaluation they came from), run the promotion gate when `cfg.promote`, write `out_dir/registered.json`;
-    return it (candidates model name, version, model folder, the promotion decision)."""
+    and the evaluation they came from, with its dev predictions), run the promotion gate when `cfg.promote`, write
+    `out_dir/registered.json`; return it (candidates model name, version, model folder, the promotion decision).
+
+    BadInputError before anything is logged when the model folder changed since evaluate, or chosen.json names no
+    dev predictions (an older evaluate's) or they are missing or malformed."""
     from morer1 import tracking
     from morer1.files import folder_sha256
 
@@ -454,11 +595,16 @@ def run(cfg: RegisterConfig, chosen_path: str | Path, out_dir: str | Path) -> di
     model_dir = chosen["model_dir"]
     if folder_sha256(model_dir) != chosen["model_sha256"]:
         raise BadInputError(f"{model_dir} changed since evaluate scored it ({chosen_path}); rerun evaluate")
+    if "dev_predictions" not in chosen:
+        raise BadInputError(f"{chosen_path} names no dev_predictions (it predates them): rerun evaluate, whose "
+                            "answers to each dev fact promotion compares")
+    predictions = Path(chosen_path).parent / chosen["dev_predictions"]
+    read_predictions(predictions, str(predictions), chosen["labels"])
     out_dir = Path(out_dir)
     with tracking.stage_run("register", cfg), tempfile.TemporaryDirectory(prefix="morer1-labels-") as tmp:
         labels_path = Path(tmp) / "labels.json"
         labels_path.write_text(json.dumps(chosen["labels"]) + "\n", encoding="utf-8")
-        registered = register_model(model_dir, labels_path, cfg, chosen["metrics"],
+        registered = register_model(model_dir, labels_path, predictions, cfg, chosen["metrics"],
                                     {"model_dir": model_dir, "model_sha256": chosen["model_sha256"],
                                      **dev_tags(chosen)})
         decision = promote(cfg) if cfg.promote else deferred(cfg)
