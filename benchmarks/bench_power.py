@@ -4,10 +4,10 @@ and at other sizes (the real MORE dev and test), from the pair bootstrap.
     .venv/bin/python benchmarks/bench_power.py [--eval reports/eval] [--facts data/ingested] [--no-mlflow]
 
 Reads the per-candidate predictions evaluate wrote (`reports/eval/candidates/<name>/predictions_<split>.jsonl`) and,
-for the first two candidates (b = the first, a = the second: GRPO minus SFT on the demo) and each split, computes:
+for the first of metrics.json's comparisons (`a_vs_b`: GRPO minus SFT on the demo) and each split, computes:
 
 - the half-width of one model's F1 interval (a's, unpaired) and of the paired ΔF1 interval, at the split's own
-  number of pairs and at `--sizes` facts (default 1,742 and 3,036: the MORE dev and test splits), where each
+  number of pairs and at `--dev-size` / `--test-size` facts (default 1,742 and 3,036: the MORE splits), where each
   resample draws as many pairs as give that many facts at the split's facts per pair (an m-out-of-n pair bootstrap:
   a split of that size drawn like this one, with these two models);
 - the smallest ΔF1 such a split shows: the paired half-width is the difference whose interval just excludes 0
@@ -36,7 +36,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--eval", default=str(REPO / "reports" / "eval"), help="evaluate's output folder")
     p.add_argument("--facts", default=str(REPO / "data" / "ingested"), help="ingested folder (its labels.json)")
-    p.add_argument("--sizes", type=int, nargs="+", default=[1742, 3036], help="split sizes in facts to project to")
+    p.add_argument("--dev-size", type=int, default=1742, help="dev size in facts to project to (MORE's)")
+    p.add_argument("--test-size", type=int, default=3036, help="test size in facts to project to (MORE's)")
     p.add_argument("--resamples", type=int, default=2000)
     p.add_argument("--quick", action="store_true", help="accepted for run_all; same sizes")
     p.add_argument("--no-mlflow", action="store_true")
@@ -49,10 +50,9 @@ def main() -> None:
     folder = Path(args.eval) / "candidates"
     chosen = json.loads((Path(args.eval) / "chosen.json").read_text())
     metrics = json.loads((Path(args.eval) / "metrics.json").read_text())
-    names = list(metrics["candidates"])  # evaluate's order: b = first, a = second
-    if len(names) < 2:
-        raise SystemExit(f"{args.eval}: fewer than two candidates, nothing to compare")
-    b_name, a_name = names[0], names[1]
+    if not metrics.get("comparisons"):
+        raise SystemExit(f"{args.eval}/metrics.json: no comparisons (fewer than two candidates, or written before them)")
+    a_name, b_name = next(iter(metrics["comparisons"])).split("_vs_")
     rows, figures = [], {}
     for split in ("dev", "test"):
         a = {r["id"]: r for r in read(folder / a_name / f"predictions_{split}.jsonl")}
@@ -62,7 +62,7 @@ def main() -> None:
         n_pairs = len(set(pairs))
         per_pair = len(b) / n_pairs
         one = bootstrap_intervals(golds, preds_a, pairs, labels, resamples=args.resamples)
-        for facts in [len(b), *args.sizes]:
+        for facts in (len(b), args.dev_size if split == "dev" else args.test_size):
             draw = n_pairs if facts == len(b) else max(1, round(facts / per_pair))
             c = paired_bootstrap(golds, preds_a, preds_b, pairs, labels, resamples=args.resamples, draw=draw)
             # one model's half-width shrinks with the square root of the pairs drawn
@@ -81,7 +81,8 @@ def main() -> None:
              "projected rows: splits of that many facts drawn like this one (same facts per pair, same "
              "disagreement between the two models)"]
     report("power", "How large a ΔF1 the eval splits can show (paired pair bootstrap)", md,
-           {"sizes": {"resamples": args.resamples, "projected_facts": args.sizes}, "figures": figures},
+           {"sizes": {"resamples": args.resamples, "projected_facts": [args.dev_size, args.test_size]},
+            "figures": figures},
            args.quick, not args.no_mlflow, notes)
 
 

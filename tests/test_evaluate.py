@@ -188,3 +188,30 @@ def test_compare_pairs_rows_by_fact_id_not_by_position():
         ev.compare(a, b[:-1] + [{**b[-1], "id": "dev-999999"}], DEFAULT_LABELS, cfg)
     with pytest.raises(BadInputError, match="gold"):
         ev.compare(a, b[:-1] + [{**b[-1], "relation": "none"}], DEFAULT_LABELS, cfg)
+
+
+def test_self_consistency_on_a_sample_compares_greedy_on_the_same_facts(tmp_path, facts, monkeypatch):
+    """sc_max_facts 2: two facts per split are voted on, and greedy's figures beside them are over those two."""
+    (tmp_path / "m").mkdir()
+    sampled = {}
+
+    def greedy(model, rows, *a):  # right on the first two facts of each split only
+        return [{**r, "completion": "", "predicted": r["relation"] if i < 2 else "/per/org/member_of"}
+                for i, r in enumerate(rows)]
+
+    def voted(model, rows, *a):
+        sampled[rows[0]["id"].split("-")[0]] = [r["id"] for r in rows]
+        return [{**r, "completion": "c", "predicted": r["relation"], "confidence": 1.0, "votes": {}} for r in rows]
+
+    monkeypatch.setattr(ev, "predict_facts", greedy)
+    monkeypatch.setattr(ev, "vote_facts", voted)
+    cfg = small_config(ev.EvaluateConfig, sc_max_facts=2, seed=5)  # samples facts 2 and 3: greedy wrong on both
+    ev.run(cfg, facts, [str(tmp_path / "m")], tmp_path / "out")
+    sc = json.loads((tmp_path / "out" / "self_consistency.json").read_text())
+    for split in ("dev", "test"):
+        ids = [f"{split}-{i:06d}" for i in range(4)]
+        assert sampled[split] == [f["id"] for f in ev.sample_facts([{"id": i} for i in ids], 2, cfg.seed)]
+        assert sc[split]["self_consistency"]["n"] == sc[split]["greedy"]["n"] == 2
+        assert sampled[split] == [f"{split}-000002", f"{split}-000003"]
+        # over all four facts greedy's accuracy would be 0.5
+        assert sc[split]["greedy"]["accuracy"] == 0.0 and sc[split]["self_consistency"]["accuracy"] == 1.0

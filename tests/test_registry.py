@@ -138,8 +138,10 @@ def rows(photo: Path) -> pd.DataFrame:
 
 
 def named(name: str, **values) -> RegisterConfig:
-    """The tests' RegisterConfig for served model `name`, whose candidates model is `<name>-candidates`."""
-    return small_config(RegisterConfig, model_name=name, candidates_model_name=f"{name}-candidates", **values)
+    """The tests' RegisterConfig for served model `name`, whose candidates model is `<name>-candidates` (min_pairs 10
+    unless given: the small dev set below spans 20 pairs)."""
+    return small_config(RegisterConfig, model_name=name, candidates_model_name=f"{name}-candidates",
+                        **{"min_pairs": 10, **values})
 
 
 def add_version(registered, name: str, predictions: list[dict] | None, dev: evaluate.DevSet | None) -> str:
@@ -391,14 +393,14 @@ def test_first_challenger_becomes_champion_then_no_op(registered):
     assert again["decision"] == "already_champion" and aliases(name)[CHAMPION] == version
 
 
-def duel(registered, data, name: str, old: list[dict], new: list[dict], monkeypatch) -> tuple[dict, str, str]:
+def duel(registered, data, name: str, old: list[dict], new: list[dict], monkeypatch, **cfg) -> tuple[dict, str, str]:
     """A champion answering `old`, then a challenger answering `new`, both scored on dev set v1 with EVAL: the
     promotion decision (nothing re-scored: their own predictions are paired) and both candidate versions."""
     champion = add_version(registered, name, old, data["v1"][1])
     registry.promote(named(name))
     challenger = add_version(registered, name, new, data["v1"][1])
     monkeypatch.setattr(evaluate, "predict_facts", lambda *a: pytest.fail("same data: nothing to re-score"))
-    return registry.promote(named(name, facts="no/such/folder")), champion, challenger
+    return registry.promote(named(name, facts="no/such/folder", **cfg)), champion, challenger
 
 
 def test_a_small_gain_on_a_small_dev_set_is_kept(registered, data, monkeypatch):
@@ -418,7 +420,7 @@ def test_a_small_gain_on_a_small_dev_set_is_kept(registered, data, monkeypatch):
         f"same dev set): lower bound not above 0.0 (n=100 facts, 20 pairs, p={decision['p_value']:.2g})")
     assert decision["p_value"] > 0.5 and (decision["confidence"], decision["min_delta"]) == (0.95, 0.0)
     assert decision["rule"] == ("promote when the 95 % paired-bootstrap lower bound of Δdev_f1 > 0.0 (2000 resamples "
-                                "of image-title pairs, seed 0)")
+                                "of image-title pairs, seed 0) over at least 10 pairs")
     tags = candidate(name, new).tags
     assert tags["promotion.decision"] == "kept" and tags["promotion.reason"] == decision["reason"]
     assert (tags["promotion.delta_lo"], tags["promotion.n_pairs"]) == (str(decision["delta_lo"]), "20")
@@ -442,6 +444,19 @@ def test_a_large_gain_on_a_large_dev_set_is_promoted(registered, data, monkeypat
     assert decision["reason"].startswith(f"dev_f1 +0.0500 [{decision['delta_lo']:+.4f}, ")
     assert decision["reason"].endswith(f"lower bound above 0.0 (n=4000 facts, 800 pairs, p={decision['p_value']:.2g})")
     assert json.loads(served(name).tags["promotion"]) == {**decision, "served_version": str(served(name).version)}
+
+
+def test_a_gain_over_too_few_pairs_is_kept(registered, data, monkeypatch):
+    """+0.3 F1 on the 20 pairs of the small dev set is clear at 95 %, but 20 pairs are fewer than min_pairs 30: kept,
+    saying so; with min_pairs 20 the same answers are promoted."""
+    name = "few-pairs"
+    decision, old, _ = duel(registered, data, name, answers(SMALL, lambda i: i % 10 < 6), answers(SMALL, lambda i: True),
+                            monkeypatch, min_pairs=30)
+    assert decision["delta"] == pytest.approx(0.4) and decision["delta_lo"] > 0 and decision["n_pairs"] == 20
+    assert decision["decision"] == "kept" and aliases(name)[CHAMPION] == old
+    assert "20 image-title pairs are fewer than register.min_pairs (30)" in decision["reason"]
+    decision = registry.promote(named(name, facts="no/such/folder", min_pairs=20))
+    assert decision["decision"] == "promoted" and "lower bound above 0.0" in decision["reason"]
 
 
 @pytest.mark.parametrize("case", ["identical", "worse"])
@@ -542,7 +557,7 @@ def test_champion_of_other_data_is_rescored_on_the_challengers_dev_set(registere
         return original(model_dir, facts, facts_dir, labels, cfg)
 
     monkeypatch.setattr(evaluate, "predict_facts", spy)
-    summary = registry.run(named(name, facts=str(v2)),
+    summary = registry.run(named(name, facts=str(v2), min_pairs=1),  # v2's 4 facts share one photo
                            chosen_json(tmp_path, tmp_path / "challenger", {"dev_f1": 0.3, "dev_n": 4}, dev2),
                            tmp_path / "out")
     decision, new = summary["promotion"], summary["version"]

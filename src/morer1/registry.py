@@ -97,6 +97,9 @@ class RegisterConfig(ServeConfig):
         2000, ge=1, description="Resamples of the paired bootstrap (each draws the dev set's image-title pairs with "
                                 "replacement and keeps all their facts).")
     bootstrap_seed: int = Field(0, description="Seed of the bootstrap resamples.")
+    min_pairs: int = Field(
+        30, ge=1, description="Keep the champion when the compared dev facts span fewer image-title pairs than this: "
+                              "a bootstrap over a handful of pairs (one pair: an interval of zero width) says nothing.")
     facts: str = Field(
         "data/ingested", min_length=1,
         description="Ingested facts folder evaluate scored (whose dev split evaluate fingerprinted as the version's dev "
@@ -423,7 +426,8 @@ def writing(name: str):
 def rule(cfg: RegisterConfig) -> str:
     """The promotion rule of `cfg` in words."""
     return (f"promote when the {cfg.confidence * 100:g} % paired-bootstrap lower bound of Δ{cfg.metric} > "
-            f"{cfg.min_delta} ({cfg.bootstrap_resamples} resamples of image-title pairs, seed {cfg.bootstrap_seed})")
+            f"{cfg.min_delta} ({cfg.bootstrap_resamples} resamples of image-title pairs, seed {cfg.bootstrap_seed}) "
+            f"over at least {cfg.min_pairs} pairs")
 
 
 def decision_base(cfg: RegisterConfig, challenger: ModelVersion, champion: ModelVersion | None) -> dict:
@@ -501,10 +505,13 @@ def judge(cfg: RegisterConfig, champion: ModelVersion, challenger: ModelVersion,
     except BadInputError as exc:
         return "refused", f"the challenger's dev predictions and the champion's ({how}) cannot be paired: {exc}", None
     better = decision["delta_lo"] > cfg.min_delta
-    return ("promoted" if better else "kept"), (
+    enough = decision["n_pairs"] >= cfg.min_pairs
+    verdict = (f"lower bound {'' if better else 'not '}above {cfg.min_delta}" if enough else
+               f"{decision['n_pairs']} image-title pairs are fewer than register.min_pairs ({cfg.min_pairs})")
+    return ("promoted" if better and enough else "kept"), (
         f"{cfg.metric} {decision['delta']:+.4f} [{decision['delta_lo']:+.4f}, {decision['delta_hi']:+.4f}] over "
-        f"champion ({how}): lower bound {'' if better else 'not '}above {cfg.min_delta} (n={decision['n_facts']} "
-        f"facts, {decision['n_pairs']} pairs, p={decision['p_value']:.2g})"), rescored
+        f"champion ({how}): {verdict} (n={decision['n_facts']} facts, {decision['n_pairs']} pairs, "
+        f"p={decision['p_value']:.2g})"), rescored
 
 
 def promote(cfg: RegisterConfig) -> dict:
