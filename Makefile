@@ -47,6 +47,8 @@ ablate: $(VENV)/.installed  ## ablation grid of ablation.yaml (docs/ablation.md)
 	$(PY) flows/ablate.py $(if $(GRID),--grid $(GRID)) $(if $(PROFILE),--profile $(PROFILE)) $(if $(FORCE),--force)
 
 ui: $(VENV)/.installed  ## MLflow UI on the local tracking store, http://127.0.0.1:5000
+	@echo "morer1 runs in MLflow's model-training view (its UI opens experiments in the GenAI one):"
+	@echo "  http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(MORER1_STATE_DIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 # GPU node: the stack plus morer1[cluster] (deepspeed, vllm, dvc-s3) from the registry, with the extra's own

@@ -56,7 +56,9 @@ def _stages(n: int, source, work, morer1: list, environ: dict) -> dict:
     ingested, gate = work / "ingested", work / "validation"
     rmtree(ingested)
     rmtree(gate)
-    ing = measure([*morer1, "ingest", "--source", source, "--output", ingested], cwd=REPO, environ=environ)
+    # DVC_STAGE as `dvc repro` sets it: the stage logs its MLflow run (a stand-alone `morer1 ingest` logs none)
+    ing = measure([*morer1, "ingest", "--source", source, "--output", ingested], cwd=REPO,
+                  environ={**environ, "DVC_STAGE": "ingest"})
     if ing["returncode"]:
         raise SystemExit(f"ingest failed at {n}:\n{ing['stdout'][-2000:]}\n{ing['stderr'][-2000:]}")
     val = measure([*morer1, "validate-facts", "--facts", ingested, "--out", gate], cwd=REPO, environ=environ)

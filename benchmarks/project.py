@@ -22,13 +22,18 @@ from common import REPO, env, scratch
 SMALL = {"demo_data": {"train_pairs": 16, "valid_pairs": 6, "test_pairs": 6},
          "synthesize": {"max_facts": 16},
          "tiny_model": {"vocab_size": 800},
-         "sft": {"max_steps": 4, "save_steps": 2, "logging_steps": 1, "dev_f1_max_new_tokens": 8},
+         "sft": {"max_steps": 4, "save_steps": 2, "logging_steps": 1, "dev_f1_max_new_tokens": 8,
+                 "generation_caps_check": "warn"},  # 8-token caps: the preflight only warns
          "difficulty": {"max_samples": 4},
          "rollout": {"num_generations": 2, "max_completion_length": 8},
          "curriculum": {"phases": 2},
          "grpo": {"per_device_train_batch_size": 2},
          "evaluate": {"max_facts": 6, "max_new_tokens": 8},
-         "register": {"max_new_tokens": 8}}
+         "register": {"max_new_tokens": 8},
+         # a model that learned nothing (all answers invalid, F1 0) must still reach register here: the predictions
+         # gate's bounds switched off (the LEARNABLE run passes the gate at the demo's bounds)
+         "validate": {"predictions_max_invalid_rate": 1.0, "predictions_max_label_share": 1.0,
+                      "predictions_min_f1_margin": -1.0}}
 # The fixture at full size: the demo's data, model and settings, but short SFT and a small RL pool, so that it is
 # built in minutes (bench_training measures SFT and GRPO themselves on it).
 FIXTURE = {"synthesize": {"max_facts": 512},

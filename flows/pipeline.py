@@ -9,6 +9,12 @@ With `--profile NAME` the pipeline runs as the DVC experiment `NAME-<UTC time>` 
 `profiles/NAME.yaml` applied (`dvc exp run --temp -S ...`); params.yaml and the workspace are left as they are.
 A stage that `placement.pools` (params.yaml, or a profile made of `placement` keys only) puts on a work pool runs
 there, as a child flow run of the `morer1-stage/<pool>` deployment (flows/stage.py, morer1.placement).
+
+As a script it ends with a summary: per stage one line of what its outputs say (facts kept and rejected, rationales,
+losses, rewards, each candidate's dev/test F1 with its interval, the promotion decision and its reason), or "nothing
+changed" and the champion's figures; the flow run's `pipeline-summary` artifact holds the same. A failed stage or gate
+prints its message once, then where the details are: Prefect's console lines stay one line each, without
+tracebacks, and everything goes in full to `$MORER1_STATE_DIR/logs/pipeline-<UTC time>.log` (morer1.console).
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ from pathlib import Path
 from morer1.orchestrate import (
     PipelineLocked,
     StageFailed,
+    champion_metrics,
     experiment_name,
     experiment_stage_results,
     pipeline_lock,
     plan_pipeline,
     repro_stage,
     run_experiment,
+    run_summary,
     set_env_defaults,
     set_param_overrides,
     summary_markdown,
@@ -67,7 +75,13 @@ from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 
 from morer1 import placement, tracking
+from morer1.console import failure_lines, log_file, quiet_console
 from morer1.errors import BadInputError
+
+LOG_FILE = None
+if __name__ == "__main__":  # Prefect has configured logging on import: its console lines short, everything in a file
+    LOG_FILE = quiet_console(log_file(tracking.state_dir()))
+LAST_RUN: dict = {}  # the script prints the closing summary of the flow run it started (`_run_pipeline` fills it)
 
 
 def _transient(task, task_run, state) -> bool:
@@ -146,16 +160,19 @@ def _run_pipeline(project_dir: str, stages: list[str] | None, profile: str | Non
     pools = placement.remote_stages(project_dir, settings, plan.stages, bool(overrides), mlflow.get_tracking_uri())
     if pools:
         placement.ensure_zombie_automation()  # a stage run whose worker dies is marked Crashed, then retried
-    if not overrides and not plan.changed:
+    noop = not overrides and not plan.changed
+    if noop:
         logger.info("DVC reports no changes: every stage is up to date")
     exp: dict | None = {"profile": profile, "experiment": experiment_name(profile)} if overrides else None
     # the stage tag, host and pid let the next pipeline run end this one as KILLED if its process dies outright
     tags = {"prefect.flow_run_id": str(flow_run.id), "morer1.stage": "pipeline",
-            tracking.HOST_TAG: socket.gethostname(), tracking.PID_TAG: str(os.getpid())}
+            tracking.HOST_TAG: socket.gethostname(), tracking.PID_TAG: str(os.getpid()),
+            **tracking.source_tags("pipeline"), "morer1.noop": str(noop).lower()}
     if exp:
         tags.update({"morer1.profile": profile, "dvc.experiment": exp["experiment"]})
     results: list[dict] = []
-    with mlflow.start_run(run_name="pipeline", tags=tags) as run:
+    # a run where DVC found nothing to do says so in the runs list: `pipeline (no-op)`, not a second `pipeline` row
+    with mlflow.start_run(run_name="pipeline (no-op)" if noop else "pipeline", tags=tags) as run:
         ended = tracking.end_stale_runs("pipeline", run.info.run_id)
         if ended:
             mlflow.set_tag("morer1.ended_stale_runs", ",".join(ended))
@@ -191,11 +208,20 @@ def _run_pipeline(project_dir: str, stages: list[str] | None, profile: str | Non
         finally:
             mlflow.set_tags(tracking.version_tags(project_dir))
             mlflow.log_dict({"stages": results, **({"dvc_experiment": exp} if exp else {})}, "pipeline_summary.json")
+            champion = None if exp else champion_metrics(project_dir)
+            if champion:  # the served model's headline figures on the run of the pipeline
+                mlflow.log_metrics(champion["metrics"])
+                mlflow.set_tags({"morer1.champion": f"{champion['model_name']}/{champion['version']}"})
             create_markdown_artifact(
                 key="pipeline-summary",
-                markdown=summary_markdown(project_dir, results, run.info.run_id, run.info.experiment_id, exp),
-                description="Stages run or skipped by DVC, evaluation metrics, registered version and promotion",
+                markdown=summary_markdown(project_dir, results, run.info.run_id, run.info.experiment_id, exp, champion),
+                description="Stages run or skipped by DVC with what their outputs say, the champion's figures, "
+                            "evaluation metrics, registered version and promotion",
             )
+            lines = run_summary(project_dir, results, champion, exp)
+            LAST_RUN.update(run_id=run.info.run_id, lines=lines)
+            if LOG_FILE is None:  # a deployment's run: the summary in its log (the script prints it itself)
+                logger.info("\n".join(lines))
     return results
 
 
@@ -215,3 +241,16 @@ if __name__ == "__main__":
         pipeline(ARGS.project_dir, stages, ARGS.profile)  # takes the lock again (re-entrant): held since the start
     except (PipelineLocked, placement.PoolUnavailable) as exc:  # DVC's own lock held elsewhere; no worker came
         sys.exit(f"morer1 pipeline: {exc}")
+    except (StageFailed, BadInputError) as exc:  # its message once (Prefect's console lines name only its type)
+        print("\n".join(failure_lines(str(exc), LOG_FILE, LAST_RUN.get("run_id"))), file=sys.stderr)
+        code = getattr(exc, "exit_code", None)
+        sys.exit(code if code in (2, 3) else 2 if isinstance(exc, BadInputError) else 1)
+    except Exception as exc:  # noqa: BLE001 - anything else: one line, the traceback in the log file
+        import traceback
+
+        with LOG_FILE.open("a", encoding="utf-8") as log:
+            traceback.print_exc(file=log)
+        print("\n".join(failure_lines(f"{type(exc).__name__}: {exc}", LOG_FILE, LAST_RUN.get("run_id"))),
+              file=sys.stderr)
+        sys.exit(1)
+    print("\n".join(LAST_RUN.get("lines", [])))

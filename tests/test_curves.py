@@ -48,3 +48,23 @@ def test_empty_histories_still_write_headers_and_a_picture(tmp_path):
     paths = curves.write_grpo_curves(tmp_path, [])
     assert paths["phases.csv"].read_text().startswith("phase,logged_steps,pass_rate")
     assert paths["curves.png"].exists()
+
+
+def test_phase_and_step_axes_have_integer_ticks(tmp_path, monkeypatch):
+    """The per-phase panel of GRPO's curves.png ticks phases 0 and 1, not 0.5 or 1.5 (the figure is read back from
+    matplotlib as it is saved)."""
+    from matplotlib.figure import Figure
+
+    saved = []
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (saved.append(fig), original(fig, *a, **k))[1])
+    curves.write_grpo_curves(tmp_path, GRPO_LOG)
+    (fig,) = saved
+    rewards_ax, phase_ax = fig.axes[:2]
+    assert phase_ax.get_xlabel() == "phase" and rewards_ax.get_xlabel() == "step"
+    for ax in (rewards_ax, phase_ax):
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert ticks and all(float(t).is_integer() for t in ticks), (ax.get_xlabel(), ticks)
+    lo, hi = phase_ax.get_xlim()
+    assert [t for t in phase_ax.get_xticks() if lo <= t <= hi] == [0, 1]

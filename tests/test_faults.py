@@ -31,7 +31,7 @@ SFT_STEPS, SFT_SAVE = 12, 4  # the SFT stage of the fault project checkpoints at
 GRPO_STEPS, GRPO_SAVE = 6, 2
 FAULT_PARAMS = {**SMALL, "sft": {**SMALL["sft"], "max_steps": SFT_STEPS, "save_steps": SFT_SAVE},
                 "grpo": {**SMALL["grpo"], "max_steps": GRPO_STEPS, "save_steps": GRPO_SAVE, "logging_steps": 1}}
-FROM_GRPO = "grpo,evaluate,register"  # the pipeline after `prepared` (`make run` may run further stages)
+FROM_GRPO = "grpo,evaluate,validate_predictions,register"  # the pipeline after `prepared` (`make run` may run further stages)
 
 
 # --- driving a project ------------------------------------------------------------------------------------------

@@ -97,3 +97,32 @@ def test_compose_names_the_team_services_and_ports():
     prefect_db = services["prefect"]["environment"]["PREFECT_SERVER_DATABASE_CONNECTION_URL"]
     assert prefect_db.startswith("postgresql+asyncpg://") and "@prefect-db:" in prefect_db
     assert "mc mb" in " ".join(services["minio-init"]["command"])
+
+
+def test_confusion_plots_use_the_symlog_template_and_dvc_plots_is_ignored():
+    """`dvc plots show` draws the confusion matrices with `.dvc/plots/confusion_log.json` (DVC's own confusion
+    template with a symlog colour scale), so the none->none cell no longer washes out every other cell; the page
+    it writes (`dvc_plots/`) is git-ignored."""
+    import json
+
+    from dvc_render.vega import VegaRenderer
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    plots = {name: props for entry in stages["evaluate"]["plots"] for name, props in entry.items()}
+    for split in ("dev", "test"):
+        assert plots[f"reports/eval/{split}_confusion.csv"] == {"template": "confusion_log", "x": "predicted",
+                                                                 "y": "actual"}
+    # rendered as DVC renders it (custom templates are looked up in <repo>/.dvc/plots), on a lopsided matrix
+    data = ([{"actual": "none", "predicted": "none", "rev": "workspace"}] * 900
+            + [{"actual": "/per/misc/nationality", "predicted": "none", "rev": "workspace"}] * 3
+            + [{"actual": "none", "predicted": "/per/misc/nationality", "rev": "workspace"}] * 7)
+    renderer = VegaRenderer(data, "reports/eval/dev_confusion.csv", template="confusion_log",
+                            template_dir=str(ROOT / ".dvc" / "plots"), x="predicted", y="actual")
+    spec = renderer.get_filled_template()
+    text = json.dumps(spec)
+    assert "<DVC_METRIC" not in text and spec["data"]["values"]
+    assert spec["spec"]["layer"][0]["encoding"]["color"]["scale"]["type"] == "symlog"
+    assert spec["params"][0]["value"] is True  # the counts are written in the cells
+    assert spec["spec"]["encoding"]["x"]["field"] == "predicted" and spec["spec"]["encoding"]["y"]["field"] == "actual"
+    ignored = subprocess.run(["git", "check-ignore", "-q", "dvc_plots/index.html"], cwd=ROOT)
+    assert ignored.returncode == 0, "dvc_plots/ (what `dvc plots show` writes) is not git-ignored"

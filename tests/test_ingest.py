@@ -53,6 +53,21 @@ def test_boxes_from_strings_and_numbers_are_exact_pixels(tmp_path, as_str):
     assert read_jsonl(tmp_path / "out" / "test.jsonl")[0]["object"]["box"] == [1, 2, 3, 4]
 
 
+def test_docs_give_the_fact_ids_as_ingest_writes_them(tmp_path):
+    """docs/data.md's `id` row shows ids as they are: `<split>-` and the source line zero-padded to 6 digits."""
+    lines = {"train": [fact("a.jpg", (0.5, 0.5, 0.5, 0.5))],
+             "valid": [fact("b.jpg", (0.5, 0.5, 0.4, 0.5)) for _ in range(42)],
+             "test": [fact("c.jpg", (0.5, 0.5, 1, 1))]}
+    ingest(write_more(tmp_path / "src", lines, IMAGES), tmp_path / "out", CFG)
+    first_train = read_jsonl(tmp_path / "out" / "train.jsonl")[0]
+    dev_42 = read_jsonl(tmp_path / "out" / "dev.jsonl")[41]
+    assert (first_train["id"], dev_42["id"], dev_42["source"]) == ("train-000001", "dev-000042", "txt/valid.txt:42")
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "data.md").read_text(encoding="utf-8")
+    [row] = [line for line in doc.splitlines() if line.startswith("| `id` |")]
+    assert "`train-000001` is line 1 of `txt/train.txt`" in row and "`dev-000042` line 42 of `txt/valid.txt`" in row
+    assert "`<split>-<line>`" not in row
+
+
 def test_record_shape_crops_images_and_valid_becomes_dev(tmp_path):
     lines = {"train": [fact("a.jpg", (0.5, 0.5, 0.5, 0.5), "/per/loc/place_of_residence", entity=(3, 4),
                             text="Alice Smith visits Paris today")],
@@ -282,6 +297,31 @@ def test_unreadable_pth_is_refused_with_a_short_reason(tmp_path, content):
     assert "weights_only" not in str(refused.value) and len(str(refused.value)) < 400
 
 
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+@pytest.mark.parametrize("code", [False, True], ids=["plain data", "code"])
+def test_bare_pickle_pth_is_refused_saying_what_it_is(tmp_path, protocol, code):
+    """A .pth written with pickle.dump instead of torch.save is refused in the documented words (torch's own refusal
+    read "Unsupported operand 149" or "Invalid magic number"): it is a bare pickle, or refers to code."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+    src = write_more(tmp_path / "src", {"train": [fact("a.jpg", (0.5, 0.5, 0.2, 0.2))]}, IMAGES)
+    objects = {"a.jpg": {"woman": _RunsCode(marker) if code else [0.5, 0.5, 0.2, 0.2]}}
+    (src / "ent_train_dict.pth").write_bytes(pickle.dumps(objects, protocol=protocol))
+    with pytest.raises(IngestError) as refused:
+        ingest(src, tmp_path / "out", CFG)
+    message = str(refused.value)
+    head = f"{src / 'ent_train_dict.pth'}: refused: "
+    if code:
+        assert message.startswith(head + "not plain data: it refers to ") and "system" in message
+    else:
+        assert message.startswith(head + f"a bare pickle stream (pickle protocol {protocol}, as pickle.dump writes "
+                                          "it), not a torch file; the file is never loaded.")
+        assert "torch.save(" in message
+    assert "never loaded" in message and "operand" not in message and "magic number" not in message
+    assert "weights_only" not in message and not marker.exists() and not (tmp_path / "out").exists()
+
+
 def _break_rel2id(src):
     (src / "rel2id.json").write_text("{not json")
 
@@ -351,6 +391,44 @@ def test_cli_reports_rejects_as_file_line_reason(tmp_path):
                            str(tmp_path / "out"), "--max-reject-fraction", "0.1"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and "more than ingest.max_reject_fraction=10.0%" in proc.stderr
+
+
+def test_standalone_ingest_logs_nowhere_unless_asked(tmp_path, monkeypatch, capsys):
+    """`morer1 ingest` on its own (checking a release) leaves no MLflow run and no `.state/`; with --track, with
+    MLFLOW_TRACKING_URI set, or as a DVC stage (DVC_STAGE set by `dvc repro`) it logs its stage run."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from morer1 import tracking
+    from morer1.cli import main
+
+    src = write_more(tmp_path / "src", {"train": [fact("a.jpg", (0.5, 0.5, 0.2, 0.2))]}, IMAGES)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    state = tracking.state_dir()
+    argv = ["ingest", "--source", str(src), "--max-reject-fraction", "1"]
+    main([*argv, "--output", "alone"])
+    assert "(not logged to MLflow: --track or MLFLOW_TRACKING_URI logs a stand-alone run)" in capsys.readouterr().out
+    assert not state.exists() and (tmp_path / "alone" / "train.jsonl").is_file()
+
+    def ingest_runs() -> int:
+        mlflow.set_tracking_uri(f"sqlite:///{state / 'mlflow.db'}")
+        try:
+            return len(MlflowClient().search_runs(
+                [e.experiment_id for e in MlflowClient().search_experiments()],
+                filter_string="tags.`morer1.stage` = 'ingest'"))
+        finally:
+            mlflow.set_tracking_uri(None)
+
+    main([*argv, "--output", "tracked", "--track"])
+    assert "not logged" not in capsys.readouterr().out and ingest_runs() == 1
+    monkeypatch.setenv("DVC_STAGE", "ingest")
+    main([*argv, "--output", "staged"])
+    assert "not logged" not in capsys.readouterr().out and ingest_runs() == 2
+    monkeypatch.delenv("DVC_STAGE")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{state / 'mlflow.db'}")
+    main([*argv, "--output", "uri"])
+    assert "not logged" not in capsys.readouterr().out and ingest_runs() == 3
 
 
 def test_outputs_are_the_same_bytes_wherever_the_project_lives(tmp_path, monkeypatch):

@@ -20,13 +20,18 @@ REPO = Path(__file__).resolve().parent.parent
 SMALL = {"demo_data": {"train_pairs": 16, "valid_pairs": 6, "test_pairs": 6},
          "synthesize": {"max_facts": 16},
          "tiny_model": {"vocab_size": 800},
-         "sft": {"max_steps": 4, "save_steps": 2, "logging_steps": 1, "dev_f1_max_new_tokens": 8},
+         "sft": {"max_steps": 4, "save_steps": 2, "logging_steps": 1, "dev_f1_max_new_tokens": 8,
+                 "generation_caps_check": "warn"},  # 8-token caps: the preflight only warns
          "difficulty": {"max_samples": 4},
          "rollout": {"num_generations": 2, "max_completion_length": 8},
          "curriculum": {"phases": 2},
          "grpo": {"per_device_train_batch_size": 2},
          "evaluate": {"max_facts": 6, "max_new_tokens": 8},
-         "register": {"max_new_tokens": 8}}
+         "register": {"max_new_tokens": 8},
+         # a model that learned nothing (all answers invalid, F1 0) must still reach register here: the predictions
+         # gate's bounds switched off (the LEARNABLE run passes the gate at the demo's bounds)
+         "validate": {"predictions_max_invalid_rate": 1.0, "predictions_max_label_share": 1.0,
+                      "predictions_min_f1_margin": -1.0}}
 LEARNABLE = {"demo_data": {"train_pairs": 400, "valid_pairs": 24, "test_pairs": 12, "entities_per_title": [1, 1],
                       "objects_per_image": [2, 3]},
         "synthesize": {"max_facts": None},
@@ -35,8 +40,7 @@ LEARNABLE = {"demo_data": {"train_pairs": 400, "valid_pairs": 24, "test_pairs": 
         "rollout": {"num_generations": 2},
         "curriculum": {"phases": 2},
         "grpo": {"per_device_train_batch_size": 2, "max_steps": 3},
-        "evaluate": {"max_facts": 48},
-        "register": {"max_new_tokens": 8}}
+        "evaluate": {"max_facts": 48}}  # the generation caps stay the demo's: the preflight checks them
 
 
 def _project(tmp_path: Path, overrides: dict = SMALL) -> Path:
@@ -80,7 +84,7 @@ def test_flow_runs_every_stage_nested_in_one_mlflow_run_then_nothing_to_do(tmp_p
     stages = list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
     summary = json.loads((project / "data" / "ingested" / "summary.json").read_text())
     assert summary["rejects"] == 0 and all(n > 0 for n in summary["facts"].values())
-    for gate in ("facts", "sft"):
+    for gate in ("facts", "sft", "predictions"):  # the predictions gate at the demo's bounds: the model learned
         assert json.loads((project / "data" / "validation" / gate / "report.json").read_text())["success"] is True
     sft = json.loads((project / "models" / "sft" / "sft_summary.json").read_text())
     assert sft["steps"] == 1200 and sft["last_logged_loss"] < sft["first_logged_loss"] / 5
@@ -126,9 +130,23 @@ def test_flow_runs_every_stage_nested_in_one_mlflow_run_then_nothing_to_do(tmp_p
                for name in ("morer1-candidates", "morer1")}  # versions: int from a local store, str over REST
     assert aliases == {"morer1-candidates": {"challenger": 1}, "morer1": {"champion": 1}}
     assert parent.data.tags["dvc_lock_sha256"] != "none" and parent.data.tags["git_commit"]
+    # the run ends with what happened: a line per stage, each candidate's F1 with its interval, the decision; the
+    # champion's headline figures are metrics of the pipeline's run
+    chosen = json.loads((project / "reports" / "eval" / "chosen.json").read_text())["metrics"]
+    out = proc.stdout
+    assert f"morer1 pipeline: {len(stages)} stages ran, 0 up to date" in out, out[-3000:]
+    assert "rationales kept train" in out and f"{sft['steps']} steps, loss " in out and "reward " in out
+    sft_dev = metrics["candidates"]["sft"]
+    assert f"sft: dev F1 {sft_dev['dev_f1']:.3f} [{sft_dev['dev_f1_lo']:.3f}, {sft_dev['dev_f1_hi']:.3f}]" in out
+    assert "grpo − sft: dev ΔF1 " in out and "promoted: no champion yet" in out
+    assert parent.data.metrics["dev_f1"] == pytest.approx(chosen["dev_f1"])
+    assert parent.data.metrics["test_f1_lo"] == pytest.approx(chosen["test_f1_lo"])
 
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=project, capture_output=True, text=True)
     assert "Data and pipelines are up to date" in status.stdout, status.stdout
+    noop = _flow(project, tmp_path)  # nothing to do: it says so, with the headline figures
+    assert noop.returncode == 0 and f"nothing changed: all {len(stages)} stages are up to date" in noop.stdout
+    assert f"champion morer1 version 1: dev F1 {chosen['dev_f1']:.3f}" in noop.stdout, noop.stdout[-2000:]
 
     # a failing gate stops the flow with the reason; it is not retried and earlier stages are skipped
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -139,5 +157,33 @@ def test_flow_runs_every_stage_nested_in_one_mlflow_run_then_nothing_to_do(tmp_p
     log = proc.stdout + proc.stderr
     assert "stage 'validate_facts' failed (data validation failed)" in log
     assert log.count("Task run 'dvc-validate_facts") <= 2 and "Retrying" not in log  # no retry of a failed gate
+    # the gate's message once, then where the details are; Prefect's tracebacks only in the log file
+    gate = next(line for line in log.splitlines() if "expectations failed:" in line)
+    assert log.count(gate) == 1 and log.count("stage 'validate_facts' failed") == 1, log
+    assert "Traceback" not in log and len(log.splitlines()) < 80, log
+    details = next(line for line in log.splitlines() if line.startswith("details: full log, tracebacks included: "))
+    log_file = Path(details.split("included: ")[1].split(";")[0])
+    assert "Traceback" in log_file.read_text() and gate in log_file.read_text()
     failed = [r for r in _runs(project) if r.info.run_name == "pipeline" and r.info.status == "FAILED"]
     assert len(failed) == 1 and failed[0].data.tags["morer1.failed_stage"] == "validate_facts"
+
+    # the predictions gate refuses a model whose answers collapsed (here: a bound no model meets) before register, in
+    # one line naming the params key; the facts' bounds back as they were, only the predictions gate runs again
+    original = yaml.safe_load((REPO / "params.yaml").read_text())["validate"]
+    params["validate"].update(none_fraction_min=original["none_fraction_min"],
+                              none_fraction_max=original["none_fraction_max"], predictions_max_label_share=0.1)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = _flow(project, tmp_path)
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    assert "stage 'validate_predictions' failed (data validation failed)" in log and "Retrying" not in log
+    [line] = [line for line in log.splitlines() if "predictions gate failed: " in line]
+    assert "predictions collapsed: " in line and "above validate.predictions_max_label_share 0.1" in line, line
+    assert line.endswith("(report: data/validation/predictions/report.json)"), line
+    report = json.loads((project / "data" / "validation" / "predictions" / "report.json").read_text())
+    assert report["success"] is False and report["summary"]["failed"] == 1
+    [failed] = [r for r in _runs(project) if r.info.status == "FAILED" and r.info.run_name == "pipeline"
+                and r.data.tags.get("morer1.failed_stage") == "validate_predictions"]
+    ran = {r.info.run_name for r in _runs(project) if r.data.tags.get("mlflow.parentRunId") == failed.info.run_id}
+    assert ran == {"validate_predictions"}  # register did not run: the registered version is still the first
+    assert json.loads((project / "reports" / "registry" / "registered.json").read_text())["version"] == "1"

@@ -220,9 +220,11 @@ def test_register_tags_version_and_promotes_the_first(registered, tiny, data):
     recorded = json.loads(copy.tags["promotion"])
     assert (recorded["decision"], recorded["challenger_version"], recorded["served_version"]) == (
         "promoted", str(registered.version), str(copy.version))
-    assert registered.tags["promotion.served_version"] == str(copy.version)
+    assert json.loads(registered.tags["promotion"])["served_version"] == str(copy.version)
     tags = registered.tags
-    assert {"git_commit", "dvc_lock_sha256", "data_version"} <= set(tags)
+    # the few tags a reader filters by; the rest of the lineage is lineage.json in the version's run
+    assert set(tags) == {"git_commit", "data_version", "model_dir", "model_sha256", "dev_set", "dev_eval",
+                         "serve_config", "dev_f1", "test_f1", "promotion", "promotion.decision", "promotion.reason"}
     assert tags["dev_set"] == data["v1"][1].sha256 and json.loads(tags["dev_eval"]) == {
         "max_facts": None, "seed": 0, "max_new_tokens": 8, "batch_size": 2}
     assert (tags["dev_f1"], tags["test_f1"]) == ("0.5", "0.4") and tags["promotion.decision"] == "promoted"
@@ -283,6 +285,107 @@ def test_register_without_promotion_defers(registered, tiny, data, tmp_path):
     decision = registry.promote(named(name, facts=str(data["v1"][0])))
     assert decision["decision"] == "promoted" and aliases(name) == {CHALLENGER: summary["version"],
                                                                      CHAMPION: summary["version"]}
+
+
+FULL_METRICS = {"dev_f1": 0.5, "dev_f1_lo": 0.4, "dev_f1_hi": 0.6, "dev_accuracy": 0.7, "dev_accuracy_lo": 0.65,
+                "dev_accuracy_hi": 0.75, "dev_n": 3, "test_f1": 0.45, "test_f1_lo": 0.35, "test_f1_hi": 0.55,
+                "test_n": 3}
+
+
+def demo_project(root: Path, source: str = "data/demo") -> Path:
+    """A project folder as the register stage sees it: params.yaml (the demo's `ingest.source`, the tiny base model
+    unless `source` says otherwise) and a dvc.lock naming the data version."""
+    root.mkdir(parents=True, exist_ok=True)
+    demo = source == "data/demo"
+    params = {"ingest": {"source": source}, "tiny_model": {"hidden_size": 128},
+              "sft": {"model": "models/tiny" if demo else "Qwen/Qwen2.5-VL-3B-Instruct", "learning_rate": 0.002,
+                      "lora": {"enabled": False, "r": 16}},
+              "evaluate": {"confidence": 0.95}}
+    (root / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
+    (root / "dvc.lock").write_text(json.dumps({"schema": "2.0", "stages": {"ingest": {"outs": [
+        {"path": "data/ingested", "hash": "md5", "md5": "feedc0de0123.dir"}]}}}))
+    return root
+
+
+def test_each_version_has_a_model_card_and_its_lineage(tiny, data, tmp_path, monkeypatch):
+    """The register stage writes the version's model card: reports/registry/MODEL_CARD.md, MODEL_CARD.md in the
+    version's run and README.md in its logged model (a download of the champion carries it), naming the data
+    version, the metrics with their intervals beside the baselines, the decision and the prompt; a demo's card says
+    it is a toy task. The rest of the lineage is lineage.json in the run, not version tags."""
+    monkeypatch.chdir(demo_project(tmp_path / "project"))
+    (tmp_path / "eval").mkdir()
+    chosen = chosen_json(tmp_path / "eval", tiny[0], FULL_METRICS, data["v1"][1])
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps({
+        "dev": {"baseline_majority_f1": 0.0, "baseline_majority_f1_lo": 0.0, "baseline_majority_f1_hi": 0.0,
+                "baseline_random_f1": 0.1, "baseline_random_f1_lo": 0.05, "baseline_random_f1_hi": 0.15},
+        "test": {"baseline_random_f1": 0.12}}))
+    summary = registry.run(named("card", facts=str(data["v1"][0])), chosen, tmp_path / "out")
+    card = (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    version = candidate("card", summary["version"])
+    assert set(version.tags) == {"git_commit", "data_version", "model_dir", "model_sha256", "dev_set", "dev_eval",
+                                 "serve_config", "dev_f1", "dev_f1_lo", "dev_f1_hi", "test_f1", "promotion",
+                                 "promotion.decision", "promotion.reason"}
+    assert version.tags["data_version"] == "feedc0de0123.dir" and "feedc0de0123.dir" in card
+    assert "| micro F1 (MORE protocol, without none) | 0.500 [0.400, 0.600] | 0.450 [0.350, 0.550] |" in card
+    assert "0.100 [0.050, 0.150] / 0.120" in card  # the random baseline, dev with its interval, and test
+    assert "| accuracy (none included) | 0.700 [0.650, 0.750] |" in card and "95 % pair-bootstrap" in card
+    assert "**A toy task.**" in card and "- toy-task" in card and "**promoted** — no champion yet" in card
+    assert "Template `full`" in card and "{marked_title}" in card and "| learning_rate | `0.002` |" in card
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    run_card = mlflow.artifacts.load_text(f"runs:/{version.run_id}/{registry.CARD_ARTIFACT}")
+    assert run_card == card
+    lineage = mlflow.artifacts.load_dict(f"runs:/{version.run_id}/{registry.LINEAGE_ARTIFACT}")
+    assert lineage["metrics"] == FULL_METRICS and lineage["dvc_lock_sha256"] == folder_sha256_of(
+        tmp_path / "project" / "dvc.lock") and lineage["settings"]["sft"]["learning_rate"] == 0.002
+    assert lineage["baselines"]["test"] == {"baseline_random_f1": 0.12}
+    downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/card/{served('card').version}",
+                                                          dst_path=str(tmp_path / "download")))
+    assert (downloaded / "README.md").read_text() == card and (downloaded / "MLmodel").is_file()
+
+
+def folder_sha256_of(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_card_of_real_data_is_no_toy_and_names_its_base_model():
+    """Real data and a Hub base model: intended use, not "toy task"; the base model in the front matter; a GRPO
+    model's card holds the settings of the stages that made it."""
+    from morer1 import model_card
+
+    params = {"ingest": {"source": "/data/MORE"}, "sft": {"model": "Qwen/Qwen2.5-VL-7B-Instruct"},
+              "rollout": {"num_generations": 8}, "curriculum": {"mode": "progressive"}, "grpo": {"beta": 0.04}}
+    chosen = {"model_dir": "models/grpo", "model_sha256": "ab", "dev_set": "cd", "dev_eval": {"seed": 0},
+              "metrics": {"dev_f1": 0.61, "test_f1": 0.6}, "labels": list(DEFAULT_LABELS)}
+    info = model_card.lineage(chosen, {"git_commit": "c0ffee", "data_version": "d1.dir"}, "none", params, None,
+                              {"name": "morer1-candidates", "version": "7", "run_id": "r"})
+    assert not model_card.is_demo(params) and list(info["settings"]) == ["ingest", "sft", "rollout", "curriculum",
+                                                                         "grpo"]
+    card = model_card.render(info, None, "full", "{title}", "system", 0.9)
+    assert "toy" not in card.lower() and "base_model: Qwen/Qwen2.5-VL-7B-Instruct" in card
+    assert "## Intended use and limits" in card and "90 % pair-bootstrap" in card and "SFT then GRPO" in card
+    assert "| micro F1 (MORE protocol, without none) | 0.610 | 0.600 |" in card and "`d1.dir`" in card
+
+
+def test_versions_tagged_before_the_json_decision_still_promote(registered, data, monkeypatch):
+    """A champion registered with a tag per metric and a challenger decided before with `promotion.<field>` tags (as
+    versions registered before the JSON `promotion` tag): promotion reads them, and the stale field tags go."""
+    name = "old-tags"
+    client = MlflowClient()
+    old = add_version(registered, name, answers(SMALL, champion_right), data["v1"][1])
+    client.set_model_version_tag(f"{name}-candidates", old, "dev_accuracy", "0.7")  # one tag per metric, then
+    registry.promote(named(name))  # its copy, the champion, takes its tags
+    new = add_version(registered, name, answers(SMALL, lambda i: True), data["v1"][1])
+    for key, value in (("promotion.decision", "kept"), ("promotion.delta_lo", "-0.1"), ("promotion.timestamp", "t0")):
+        client.set_model_version_tag(f"{name}-candidates", new, key, value)
+    monkeypatch.setattr(evaluate, "predict_facts", lambda *a: pytest.fail("same data: nothing to re-score"))
+    decision = registry.promote(named(name, metric="dev_accuracy"))
+    assert decision["champion_tag_value"] == 0.7 and decision["decision"] == "promoted"
+    tags = candidate(name, new).tags
+    assert {k for k in tags if k.startswith("promotion")} == {"promotion", "promotion.decision", "promotion.reason"}
+    assert json.loads(tags["promotion"])["decision"] == tags["promotion.decision"] == "promoted"
+    assert not any(k.startswith("promotion.") for k in served(name).tags)  # the copy records its decision as JSON
 
 
 def test_candidates_and_served_model_must_differ():
@@ -423,9 +526,9 @@ def test_a_small_gain_on_a_small_dev_set_is_kept(registered, data, monkeypatch):
                                 "of image-title pairs, seed 0) over at least 10 pairs")
     tags = candidate(name, new).tags
     assert tags["promotion.decision"] == "kept" and tags["promotion.reason"] == decision["reason"]
-    assert (tags["promotion.delta_lo"], tags["promotion.n_pairs"]) == (str(decision["delta_lo"]), "20")
-    assert tags["promotion.champion_tag_value"] == "0.7"
-    assert tags["promotion.champion_version"] == str(served(name).version)
+    recorded = json.loads(tags["promotion"])
+    assert recorded == decision and (recorded["delta_lo"], recorded["n_pairs"]) == (decision["delta_lo"], 20)
+    assert recorded["champion_tag_value"] == 0.7 and recorded["champion_version"] == str(served(name).version)
     line = registry.decision_line(decision)
     assert line.startswith(f"kept: Δdev_f1 +0.0100 [{decision['delta_lo']:+.4f}, ") and "\n" not in line
     assert "(95 %), 100 facts, 20 pairs, p=" in line and line.endswith(decision["reason"])
@@ -520,7 +623,7 @@ def test_failed_promotion_keeps_the_champion(registered, data, monkeypatch):
     with pytest.raises(RuntimeError, match="registry down"):
         registry.promote(named(name))
     assert aliases(name)[CHAMPION] == old
-    assert "promotion.decision" not in candidate(name, new).tags
+    assert "promotion.decision" not in candidate(name, new).tags and "promotion" not in candidate(name, new).tags
     copies = MlflowClient().search_model_versions(f"name = '{name}'")
     assert len(copies) == 2  # the old champion's copy and the challenger's, made before the failed move
 
@@ -528,7 +631,7 @@ def test_failed_promotion_keeps_the_champion(registered, data, monkeypatch):
     decision = registry.promote(named(name))  # the rerun reuses the copy
     assert decision["decision"] == "promoted" and aliases(name)[CHAMPION] == new
     assert len(MlflowClient().search_model_versions(f"name = '{name}'")) == 2
-    assert candidate(name, new).tags["promotion.served_version"] == str(served(name).version)
+    assert json.loads(candidate(name, new).tags["promotion"])["served_version"] == str(served(name).version)
 
 
 def direct_f1(model_dir: Path, folder: Path) -> float:
@@ -577,11 +680,10 @@ def test_champion_of_other_data_is_rescored_on_the_challengers_dev_set(registere
         f"({decision['champion_scored']}): lower bound above 0.0 (n=4 facts, 1 pairs, p={decision['p_value']:.2g})")
     assert aliases(name) == {CHALLENGER: new, CHAMPION: new}
     assert json.loads((tmp_path / "out" / "registered.json").read_text())["promotion"] == decision
-    tags = candidate(name, new).tags
-    assert tags["promotion.champion_value"] == str(expected) and tags["promotion.champion_tag_value"] == "1.0"
-    assert tags["promotion.champion_scored"] == decision["champion_scored"]
-    assert (tags["promotion.challenger_dev_set"], tags["promotion.champion_dev_set"]) == (
-        dev2.sha256, data["v1"][1].sha256)
+    recorded = json.loads(candidate(name, new).tags["promotion"])
+    assert recorded["champion_value"] == expected and recorded["champion_tag_value"] == 1.0
+    assert recorded["champion_scored"] == decision["champion_scored"]
+    assert (recorded["challenger_dev_set"], recorded["champion_dev_set"]) == (dev2.sha256, data["v1"][1].sha256)
     assert champion != new and MlflowClient().get_model_version(name, champion_copy).tags[
         f"rescored.{dev2.sha256[:12]}.dev_f1"] == repr(expected)
 

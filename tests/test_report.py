@@ -207,3 +207,20 @@ def test_intervals_and_paired_comparisons_on_the_page(tmp_path):
     plain = write_report(rows, facts, tmp_path / "plain", "dev", compute_metrics(
         [r["relation"] for r in rows], [r["predicted"] for r in rows], [NONE, A, B])).read_text(encoding="utf-8")
     assert "Paired comparisons" not in plain and "bootstrap" not in plain
+
+
+def test_per_relation_counts_false_positives_and_false_negatives(tmp_path):
+    """The per-relation table counts both kinds of wrong: a relation predicted 11 times with 4 right has 7 false
+    positives, though no fact of that gold was missed (the old "wrong" column, gold - right, read 0)."""
+    facts = _facts_dir(tmp_path)
+    nat = "/per/misc/nationality"
+    rows = ([_row(i, nat, nat) for i in range(1, 5)] + [_row(i, NONE, nat) for i in range(5, 12)]
+            + [_row(12, A, B), _row(13, A, None)])
+    page = write_report(rows, facts, tmp_path / "r", "dev").read_text(encoding="utf-8")
+    assert "<th>right</th><th title='answered this relation, gold is another'>wrong: false positives</th>" in page
+    # relation, gold, predicted, right, false positives, false negatives
+    assert f"<tr><td>{nat}</td><td>4</td><td>11</td><td>4</td><td>7</td><td>0</td></tr>" in page
+    assert f"<tr><td>{NONE}</td><td>7</td><td>0</td><td>0</td><td>0</td><td>7</td></tr>" in page
+    assert f"<tr><td>{A}</td><td>2</td><td>0</td><td>0</td><td>0</td><td>2</td></tr>" in page
+    assert f"<tr><td>{B}</td><td>0</td><td>1</td><td>0</td><td>1</td><td>0</td></tr>" in page
+    assert "<tr><td>invalid</td><td>0</td><td>1</td><td>0</td><td>1</td><td>0</td></tr>" in page

@@ -9,8 +9,10 @@ import base64
 import io
 import json
 import os
+import random
 import re
 import struct
+import subprocess
 import sys
 import time
 import zlib
@@ -78,6 +80,8 @@ def hostile_rows(photo_path: Path) -> dict[str, tuple[dict, str]]:
         "long-title": ({"title": "x" * 1001}, "row 1: title has 1001 characters, more than max_title_chars=1000"),
         "long-entity": ({"entity": "x" * 1001}, "row 1: entity has 1001 characters"),
         "empty-title": ({"title": " "}, "row 1: title must be a non-empty string"),
+        "entity-not-in-title": ({"entity": "Paris"}, "row 1: entity 'Paris' does not occur in the title "
+                                                    "'Angela Merkel speaks in Berlin'"),
         "box-outside": ({"box": [10, 8, 500, 40]}, r"row 1: box \[10, 8, 500, 40\] is empty or leaves the 96x64 image"),
         "box-negative": ({"box": [-5, 8, 50, 40]}, "row 1: box .* is empty or leaves"),
         "box-empty": ({"box": [10, 8, 10, 40]}, "row 1: box .* is empty or leaves"),
@@ -298,7 +302,62 @@ def test_cli_predict_allows_only_the_given_folders(folders, monkeypatch, capsys)
     assert "label: none" in capsys.readouterr().out
 
 
+def test_cli_predict_outside_a_project_names_the_tracking_uri_and_creates_nothing(tmp_path, monkeypatch, capsys):
+    """No MLFLOW_TRACKING_URI and no project store: one line naming the store tried and how to set one, exit code 1,
+    and no `.state/` (nor an empty store) left behind."""
+    from morer1.cli import main
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "photo.png").write_bytes(base64.b64decode(GOOD["image"]))
+    monkeypatch.chdir(outside)
+    monkeypatch.delenv("MORER1_STATE_DIR")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", "--image", "photo.png", "--title", TITLE, "--entity", ENTITY, "--box", "10", "8", "50", "40"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("morer1 predict: error: models:/morer1@champion needs an MLflow model registry")
+    assert f"sqlite:///{outside / '.state' / 'mlflow.db'}" in err
+    assert "MLFLOW_TRACKING_URI" in err and "--model FOLDER" in err
+    assert sorted(p.name for p in outside.iterdir()) == ["photo.png"]  # no .state/
+
+
+def test_cli_predict_against_a_store_without_the_model_says_so(tmp_path, monkeypatch, capsys):
+    from morer1.cli import main
+
+    store = f"sqlite:///{tmp_path / 'other.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main(["predict", "--image", "x.png", "--title", TITLE, "--entity", ENTITY, "--box", "1", "2", "3", "4"])
+    finally:
+        mlflow.set_tracking_uri(None)
+    err = capsys.readouterr().err  # after MLflow's own log lines (it creates the store it was pointed at): one line
+    assert exit_.value.code == 1 and "Traceback" not in err and err.endswith("\n"), err
+    err = err.splitlines()[-1]
+    assert f"models:/morer1@champion: not found in the MLflow registry at {store}" in err and "--model FOLDER" in err
+
+
 # --- a real served model ------------------------------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "evaluation.md"
+
+
+def documented_request() -> str:
+    """The shell lines of the Serving example in docs/evaluation.md after `mlflow models serve`: they write
+    request.json from photo.jpg and send it with curl."""
+    block = DOCS.read_text(encoding="utf-8").split("\n## Serving\n", 1)[1].split("\n\n", 1)[0]
+    lines = [line[4:] for line in block.splitlines() if line.startswith("    ")]
+    assert lines[0].startswith("mlflow models serve") and "curl" in lines[-1], block
+    return "\n".join(lines[1:])
+
+
+def test_documented_request_goes_through_a_file():
+    script = documented_request()
+    assert "-d @request.json" in script and "> request.json" in script and "$(base64" not in script
+
+
 
 
 @pytest.mark.e2e
@@ -343,6 +402,18 @@ def test_served_model_refuses_hostile_rows_and_keeps_serving(photo_file, tmp_pat
     try:
         wait_healthy(f"{url}/ping", server, tmp_path / "serve.log")
         answers_a_good_row()
+        # the documented curl request, with a photo far over the 128 KB a command-line argument may hold
+        noise = random.Random(0).randbytes(1200 * 900 * 3)
+        Image.frombytes("RGB", (1200, 900), noise).save(tmp_path / "photo.jpg", "JPEG", quality=95)
+        assert (tmp_path / "photo.jpg").stat().st_size > 1_000_000
+        sent = subprocess.run(["bash", "-c", documented_request().replace("127.0.0.1:5001", url.split("//")[1])],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert sent.returncode == 0, sent.stderr[-2000:]
+        assert (tmp_path / "request.json").stat().st_size > 1_300_000
+        reply = json.loads(sent.stdout)
+        assert "predictions" in reply, sent.stdout[-2000:]
+        [prediction] = reply["predictions"]
+        assert set(prediction) == {"label", "rationale", "completion", "confidence"}
         sampled = invoke([GOOD, GOOD], samples=3, abstain_below=1.01)  # self-consistency, then abstention
         assert sampled.status_code == 200, sampled.text
         assert [p["label"] for p in sampled.json()["predictions"]] == ["none", "none"]

@@ -327,3 +327,24 @@ def test_filter_keeps_a_rationale_whose_prose_cites_earlier_steps():
                   "**Step 5:** Only none remains, per step 4.\n"
                   "Step 6: As step 5. left only none, the relation is none.</think>\n<answer>none</answer>")
     assert rejection_reason(completion, NONE, DEFAULT_LABELS, LEAK) is None
+
+
+def test_the_demo_teacher_on_real_data_says_it_only_knows_the_demo(tmp_path):
+    """Facts that are not from `morer1 demo-data` get no rationale from the demo teacher: the error says why and
+    which teacher to use instead, not only "rejected: no_completion N"."""
+    facts = tmp_path / "facts"
+    facts.mkdir()
+    (facts / "labels.json").write_text(json.dumps(list(DEFAULT_LABELS)))
+    title = "Angela Merkel speaks in Berlin"
+    real = [{**make_fact(i), "text": title, "tokens": title.split(),
+             "entity": {"name": "Berlin", "start": 4, "end": 5},
+             "object": {"name": "person", "box": [10, 20, 50, 70], "crop": f"crops/train/train-{i:06d}.png",
+                        "caption": None}} for i in range(1, 5)]
+    (facts / "train.jsonl").write_text("".join(json.dumps(f) + "\n" for f in real))
+    cfg = small_config(SynthesizeConfig, teacher="demo", splits=("train",))
+    with pytest.raises(SynthesisError) as refused:
+        synthesize(facts, tmp_path / "sft", cfg)
+    message = str(refused.value)
+    assert "rejected: no_completion 4" in message
+    assert "the demo teacher only explains the synthetic demo data" in message
+    assert "synthesize.teacher: template" in message and "openai" in message

@@ -126,8 +126,10 @@ def test_same_data_gives_the_same_bytes_in_another_folder_and_run(good_run, tmp_
     "1 of 4 rows unexpected, e.g. train-000003 (text=' ')",
     "facts/all: expect_column_values_to_be_unique(column='id'): "
     "2 of 6 rows unexpected, e.g. train-000001, train-000001",
-    "facts/test: expect_table_row_count_to_be_between(min_value=1): observed 0",
-    "facts/dev: expect_column_mean_to_be_between(column='is_none', min_value=0.3, max_value=0.9): observed 1.0",
+    "facts/test: expect_table_row_count_to_be_between(min_value=1): observed 0 "
+    "[params: min_value = validate.min_facts_per_split]",
+    "facts/dev: expect_column_mean_to_be_between(column='is_none', min_value=0.3, max_value=0.9): observed 1.0 "
+    "[params: min_value = validate.none_fraction_min, max_value = validate.none_fraction_max]",
 ], ids=["label_not_in_set", "box_outside_image", "span_beyond_tokens", "empty_text", "duplicate_id",
         "empty_split", "none_share_above_bound"])
 def test_each_defect_fails_with_split_expectation_and_id(bad_run, line):

@@ -13,10 +13,11 @@ from morer1.errors import (
     EXIT_TRANSIENT,
     BadInputError,
     GateFailedError,
+    RegistryUnavailable,
     TrackingServerLost,
     record_exit,
 )
-from morer1.params import StageConfig, describe, load_section, section_config
+from morer1.params import StageConfig, describe, load_section, read_params, section_config
 
 
 def _config(args, section: str, model: type[StageConfig], **overrides) -> StageConfig:
@@ -29,18 +30,72 @@ def _config(args, section: str, model: type[StageConfig], **overrides) -> StageC
     return load_section(section, model, path, **overrides)
 
 
+PARAMS_HELP = "params file (default: params.yaml if present); before or after the command"
+
+
+def params_argument(argv: list[str]) -> str:
+    """The --params value of a command line wherever it stands (before or after the command; the last one wins),
+    or params.yaml: what --help reads the values in effect from, before argparse has parsed anything."""
+    found = "params.yaml"
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg == "--params" and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif arg.startswith("--params="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
 class StageParser(argparse.ArgumentParser):
-    """A subcommand whose --help ends with the params it reads, from its configs' own field descriptions."""
+    """A subcommand whose --help ends with the params it reads, from its configs' own field descriptions, each with
+    the value in effect (from the --params file when it can be read, else the code's default). A subcommand that
+    reads params also takes --params itself, so `morer1 ingest --params p.yaml` works as `morer1 --params p.yaml
+    ingest` does."""
+
+    params_file = "params.yaml"  # set by MorerParser from the command line before parsing
 
     def __init__(self, *args, sections: tuple[str, ...] = (), **kwargs):
         super().__init__(*args, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
         self.sections = sections
+        if sections:  # SUPPRESS: absent here, the value given before the command (or its default) stays
+            self.add_argument("--params", default=argparse.SUPPRESS, help=PARAMS_HELP)
 
     def format_help(self) -> str:
         if self.sections:  # the configs are imported only when help is asked for
-            self.epilog = "\n".join(f"params ({s} section of --params):\n{describe(section_config(s), s)}"
-                                    for s in self.sections)
+            path, values, note = Path(self.params_file), None, ""
+            try:
+                values = read_params(path)
+            except BadInputError as exc:  # missing or unreadable: the code's defaults
+                note = f"; {exc}: the code's defaults shown"
+            heading = f"section of --params {self.params_file}" + (", values in effect" if values is not None else "")
+            self.epilog = "\n".join(
+                f"params ({s} {heading}{note}):\n"
+                f"{describe(section_config(s), s, None if values is None else values.get(s) or {}, str(path))}"
+                for s in self.sections)
         return super().format_help()
+
+
+class MorerParser(argparse.ArgumentParser):
+    """The `morer1` parser: before parsing, tells the subcommands' help which params file is in effect and gives
+    every subcommand a description."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else list(args)
+        StageParser.params_file = params_argument(argv)
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                describe_commands(action)
+        return super().parse_known_args(argv, namespace)
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("morer1")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def cmd_demo_data(args) -> None:
@@ -51,12 +106,17 @@ def cmd_demo_data(args) -> None:
 
 
 def cmd_ingest(args) -> None:
+    """As a pipeline stage (under DVC or a flow) the run is logged to MLflow; on its own only with --track or
+    MLFLOW_TRACKING_URI set (`tracking.standalone_tracked`)."""
+    from morer1 import tracking
     from morer1.ingest import IngestConfig, run
 
     cfg = _config(args, "ingest", IngestConfig, source=args.source, max_reject_fraction=args.max_reject_fraction)
-    summary = run(cfg, Path(args.output))
+    track = tracking.standalone_tracked(args.track)
+    summary = run(cfg, Path(args.output), track=track)
     print(f"ingested {summary['facts']} facts, {summary['rejects']} rejected "
-          f"({summary['reject_fraction']:.2%}) -> {args.output}")
+          f"({summary['reject_fraction']:.2%}) -> {args.output}"
+          + ("" if track else " (not logged to MLflow: --track or MLFLOW_TRACKING_URI logs a stand-alone run)"))
 
 
 def cmd_validate_facts(args) -> None:
@@ -73,12 +133,28 @@ def cmd_validate_sft(args) -> None:
     print(f"SFT gate passed: {summary['expectations']} expectations -> {args.out}")
 
 
+def cmd_validate_predictions(args) -> None:
+    from morer1.validate import ValidateConfig, run_predictions
+
+    summary = run_predictions(_config(args, "validate", ValidateConfig), Path(args.eval), Path(args.out))
+    print(f"predictions gate passed: {summary['expectations']} expectations -> {args.out}")
+
+
 def cmd_synthesize(args) -> None:
     """Too few rationales (SynthesisError) and an unusable teacher endpoint (TeacherError) are BadInputErrors:
     one line, exit code 2."""
     from morer1.synthesize import SynthesizeConfig, run
 
-    report = run(_config(args, "synthesize", SynthesizeConfig), Path(args.facts), Path(args.out))
+    cfg = _config(args, "synthesize", SynthesizeConfig)
+    budget = None
+    # a paid teacher: the prompts are checked against the SFT stage's limits first (when the params file has them)
+    if cfg.teacher == "openai" and Path(args.params).is_file() and read_params(args.params).get("sft"):
+        from morer1.preflight import PromptBudget
+        from morer1.sft import SFTConfig
+
+        sft = _config(args, "sft", SFTConfig)
+        budget = PromptBudget(sft.model, sft.max_length, sft.max_dropped_fraction, sft.min_pixels, sft.max_pixels)
+    report = run(cfg, Path(args.facts), Path(args.out), budget)
     print(json.dumps({split: (s["kept"], s["requested"]) for split, s in report["splits"].items()}))
 
 
@@ -92,10 +168,14 @@ def cmd_tiny_model(args) -> None:
 def cmd_sft(args) -> None:
     from accelerate import PartialState
 
+    from morer1.preflight import generation_caps
     from morer1.sft import SFTConfig, run
 
-    summary = run(_config(args, "sft", SFTConfig), Path(args.data), Path(args.out),
-                  Path(args.curves) if args.curves else None, Path(args.supplement) if args.supplement else None)
+    cfg = _config(args, "sft", SFTConfig)
+    # the preflight checks the SFT set against every generation cap, those of other sections included
+    caps = generation_caps(args.params, cfg.dev_f1_every, cfg.dev_f1_max_new_tokens)
+    summary = run(cfg, Path(args.data), Path(args.out), Path(args.curves) if args.curves else None,
+                  Path(args.supplement) if args.supplement else None, caps)
     if PartialState().is_main_process:
         print(f"sft: {summary['steps']} steps, loss {summary['first_logged_loss']} -> {summary['last_logged_loss']}")
 
@@ -210,8 +290,9 @@ def cmd_ablate(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="morer1", description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml if present)")
+    parser = MorerParser(prog="morer1", description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help=PARAMS_HELP)
+    parser.add_argument("--version", action="version", version=f"morer1 {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=StageParser)
 
     p = sub.add_parser("demo-data", help="write the synthetic demo dataset in the official MORE layout",
@@ -225,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="MORE-layout folder (default: ingest.source)")
     p.add_argument("--output", required=True, help="folder to write")
     p.add_argument("--max-reject-fraction", type=float, help="override ingest.max_reject_fraction")
+    p.add_argument("--track", action="store_true",
+                   help="log this run to MLflow (the project's store, or MLFLOW_TRACKING_URI) also when run on its "
+                        "own; as a pipeline stage (dvc repro, the flow) it always is, on its own it is not by default")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("validate-facts", help="gate the ingested facts with the `facts` Great Expectations suite",
@@ -244,6 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft", required=True, help="SFT set folder")
     p.add_argument("--out", required=True, help="folder for report.json and Data Docs")
     p.set_defaults(func=cmd_validate_sft)
+
+    p = sub.add_parser("validate-predictions", help="gate the chosen model's dev predictions and metrics with the "
+                                                    "`predictions` Great Expectations suite, before register",
+                       sections=("validate",))
+    p.add_argument("--eval", required=True, help="the evaluate stage's folder (predictions_dev.jsonl, metrics.json, "
+                                                 "chosen.json)")
+    p.add_argument("--out", required=True, help="folder for report.json and Data Docs")
+    p.set_defaults(func=cmd_validate_predictions)
 
     p = sub.add_parser("tiny-model", help="build the tiny Qwen2.5-VL of the embedded default", sections=("tiny_model",))
     p.add_argument("--corpus", required=True, help="SFT set folder whose texts train the tokenizer")
@@ -346,6 +438,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_commands(sub) -> None:
+    """Every subcommand's --help opens with a description: its own, else its one-line help from `morer1 --help`."""
+    for action in sub._choices_actions:
+        command = sub.choices[action.dest]
+        if not command.description and action.help:
+            command.description = action.help[0].upper() + action.help[1:] + "."
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
@@ -358,6 +458,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"morer1 {args.command}: validation failed:\n{exc}", file=sys.stderr)
         record_exit(EXIT_GATE_FAILED, str(exc))
         sys.exit(EXIT_GATE_FAILED)
+    except RegistryUnavailable as exc:  # one line: the tracking URI tried and how to set another
+        print(f"morer1 {args.command}: error: {exc}", file=sys.stderr)
+        record_exit(EXIT_TRANSIENT, str(exc))
+        sys.exit(EXIT_TRANSIENT)
     except TrackingServerLost as exc:  # one line, not the HTTP client's traceback; the orchestrator retries it
         print(f"morer1 {args.command}: error: TrackingServerLost: {exc}", file=sys.stderr)
         record_exit(EXIT_TRANSIENT, str(exc))

@@ -29,6 +29,7 @@ PACKAGE = "morer1"
 STAGE_MODULES: dict[str, str | None] = {
     "validate_facts": "morer1.validate",
     "validate_sft": "morer1.validate",
+    "validate_predictions": "morer1.validate",
     "register": "morer1.registry",
 }
 # module -> data its code reads (paths relative to the project): a closure holding the module depends on them

@@ -64,12 +64,25 @@ def phase_rows(reward_rows: list[dict]) -> list[dict]:
             for phase, rows in sorted(by_phase.items())]
 
 
+INTEGER_X = ("step", "phase")  # x columns that only take whole values: their ticks are integers (no phase 0.5)
+
+
 def plot_png(path: Path, panels: list[tuple[str, list[dict], str, Sequence[str]]]) -> None:
     """One PNG with a panel per (title, rows, x column, y columns)."""
+    import matplotlib.pyplot as plt
+
+    fig = make_figure(panels)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def make_figure(panels: list[tuple[str, list[dict], str, Sequence[str]]]):
+    """The matplotlib Figure of `plot_png` (Agg backend), a panel per (title, rows, x column, y columns)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (title, rows, x, ys) in zip(axes[0], panels):
@@ -79,12 +92,13 @@ def plot_png(path: Path, panels: list[tuple[str, list[dict], str, Sequence[str]]
                 ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=y)
         ax.set_title(title)
         ax.set_xlabel(x)
+        if x in INTEGER_X:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def write_sft_curves(out_dir: str | Path, log_history: list[dict], dev_points: list[dict]) -> dict[str, Path]:

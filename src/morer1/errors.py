@@ -22,6 +22,12 @@ class TrackingServerLost(RuntimeError):
     """The MLflow tracking server stopped answering during a stage: a rerun may succeed (exit code 1, retried)."""
 
 
+class RegistryUnavailable(RuntimeError):
+    """A model URI (`models:/...`, `runs:/...`) needs the MLflow registry and there is none to ask (no
+    MLFLOW_TRACKING_URI and no project store), it does not answer, or it does not hold the model. The message names
+    the tracking URI tried and how to set another; exit code 1, one line."""
+
+
 def record_exit(code: int, message: str) -> None:
     """For the morer1 CLI: record an exit code and its reason where the orchestrator reads it, when asked to."""
     path = os.environ.get(EXIT_FILE_ENV)

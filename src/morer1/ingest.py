@@ -429,6 +429,52 @@ def _torch_refusal(exc: Exception) -> str:
     return f"not a readable plain-data torch file ({detail}); the file is never loaded."
 
 
+TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of a legacy (non-zip) torch.save file
+NEVER_LOADED = ("the file is never loaded. Only plain data (dicts, lists, strings, numbers, tensors) is read, from a "
+                "file torch.save wrote.")
+
+
+def _bare_pickle(path: Path) -> tuple[int, list[str]] | None:
+    """(pickle protocol, the globals it refers to) when `path` is a bare pickle stream (`pickle.dump`), not a file
+    torch.save wrote; None for anything else. Read with `pickletools` opcode by opcode: nothing is unpickled."""
+    import pickletools
+
+    try:
+        with path.open("rb") as f:
+            head = f.read(2)
+            if len(head) < 2 or head[0] != 0x80:  # PROTO: a pickle of protocol >= 2; torch's zip files start "PK"
+                return None
+            f.seek(0)
+            refs, strings, first = [], [], None
+            for op, arg, _ in pickletools.genops(f):
+                if first is None and op.name not in ("PROTO", "FRAME"):
+                    first = (op.name, arg)
+                    if op.name in ("LONG1", "LONG4") and arg == TORCH_LEGACY_MAGIC:
+                        return None  # a legacy torch.save file: torch's own refusal says why
+                if isinstance(arg, str) and ("UNICODE" in op.name or "STRING" in op.name):
+                    strings.append(str(arg))
+                elif op.name in ("GLOBAL", "INST"):
+                    refs.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL":
+                    refs.append(".".join(strings[-2:]))
+    except Exception:  # noqa: BLE001 - not a well-formed pickle after its first bytes: torch's refusal stands
+        return None
+    return head[1], refs
+
+
+def _pth_refusal(path: Path, exc: Exception) -> str:
+    """Why a .pth file is refused: a bare pickle (pickle.dump, not torch.save) said as such, else `_torch_refusal`."""
+    bare = _bare_pickle(path)
+    if bare is None:
+        return _torch_refusal(exc)
+    protocol, refs = bare
+    if refs:
+        return (f"not plain data: it refers to {refs[0]}, which a full unpickling would import or run; "
+                f"{NEVER_LOADED}")
+    return (f"a bare pickle stream (pickle protocol {protocol}, as pickle.dump writes it), not a torch file; "
+            f"{NEVER_LOADED} Write the dict with torch.save(objects, path) instead.")
+
+
 def load_object_dict(path: Path) -> dict[str, dict]:
     """`ent_<split>_dict.pth` as plain data; IngestError if it holds anything else."""
     import pickle
@@ -439,7 +485,7 @@ def load_object_dict(path: Path) -> dict[str, dict]:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError, TypeError,
             KeyError, IndexError, OSError) as exc:
-        raise IngestError(f"{path}: refused: {_torch_refusal(exc)}") from None
+        raise IngestError(f"{path}: refused: {_pth_refusal(path, exc)}") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise IngestError(f"{path}: refused: expected a dict img_id -> {{object name: box}}")
     return data
@@ -704,26 +750,32 @@ def report_rejects(output: str | Path, limit: int = 50, stream=sys.stderr) -> No
         print(f"... and {len(rows) - limit} more in {path}", file=stream)
 
 
-def run(cfg: IngestConfig, output: str | Path) -> dict:
+def run(cfg: IngestConfig, output: str | Path, track: bool = True) -> dict:
     """The ingest stage: `ingest` the folder `cfg.source` into `output` in an MLflow stage run; return the summary.
 
     Logs the summary, `rejects.jsonl` and each split as a dataset input. A failed run still prints its rejects
-    (`report_rejects`) and logs them to its failed MLflow run."""
-    import mlflow
+    (`report_rejects`) and logs them to its failed MLflow run. `track=False` (the stand-alone `morer1 ingest`
+    outside a pipeline, `tracking.standalone_tracked`): the same, logged nowhere."""
+    from contextlib import nullcontext
 
     output = Path(output)
-    with tracking.stage_run("ingest", cfg):
+    with tracking.stage_run("ingest", cfg) if track else nullcontext():
         try:
             summary = ingest(cfg.source, output, cfg)
         except BaseException:
-            if failed_rejects_path(output).exists():
+            if track and failed_rejects_path(output).exists():
+                import mlflow
+
                 mlflow.log_artifact(str(failed_rejects_path(output)))
             raise
         finally:
             report_rejects(output)
-        tracking.log_summary(summary)
-        mlflow.log_artifact(str(output / "rejects.jsonl"))
-        _log_datasets(output, summary["facts"])
+        if track:
+            import mlflow
+
+            tracking.log_summary(summary)
+            mlflow.log_artifact(str(output / "rejects.jsonl"))
+            _log_datasets(output, summary["facts"])
     return summary
 
 

@@ -428,26 +428,241 @@ def promotion_markdown(decision: dict) -> str:
             f"vs {_cell(decision['champion_value'])}; {decision['rule']}).\n")
 
 
+# --- what a run did, from the stages' own outputs: the console's closing summary and the artifact's stage table -----
+
+HEADLINE_METRICS = ("dev_f1", "dev_f1_lo", "dev_f1_hi", "test_f1", "test_f1_lo", "test_f1_hi", "dev_accuracy",
+                    "test_accuracy")
+
+
+def _json(project: Path, path: str) -> dict | None:
+    try:
+        return json.loads((project / path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _num(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _interval(values: dict, key: str) -> str:
+    """`0.672 [0.634, 0.717]`: a figure with its interval (`key_lo`, `key_hi`), or just the figure."""
+    if values.get(f"{key}_lo") is None:
+        return _num(values.get(key))
+    return f"{_num(values.get(key))} [{_num(values[f'{key}_lo'])}, {_num(values[f'{key}_hi'])}]"
+
+
+def _signed_interval(values: dict, key: str) -> str:
+    return (f"{values[key]:+.3f} [{values[f'{key}_lo']:+.3f}, {values[f'{key}_hi']:+.3f}]"
+            if values.get(f"{key}_lo") is not None else f"{values[key]:+.3f}")
+
+
+def _gate(report: dict) -> str:
+    summary = report["summary"]
+    passed = summary["expectations"] - summary["failed"]
+    return (f"{passed}/{summary['expectations']} expectations passed" if report.get("success")
+            else f"{summary['failed']} of {summary['expectations']} expectations failed")
+
+
+def _ingest(p: Path) -> list[str]:
+    s = _json(p, "data/ingested/summary.json")
+    facts = s["facts"]
+    return [f"{sum(facts.values())} facts kept ({', '.join(f'{k} {v}' for k, v in facts.items())}), "
+            f"{s['rejects']} rejected ({s['reject_fraction']:.2%})"]
+
+
+def _synthesize(p: Path) -> list[str]:
+    r = _json(p, "data/sft/report.json")
+    kept = ", ".join(f"{split} {s['kept']}/{s['requested']}" for split, s in r["splits"].items())
+    rejected = sum(sum(s["rejected"].values()) for s in r["splits"].values())
+    return [f"rationales kept {kept} ({r['teacher']} teacher, {r['prompt']} prompt), {rejected} rejected"]
+
+
+def _sft(p: Path) -> list[str]:
+    s = _json(p, "models/sft/sft_summary.json")
+    line = (f"{s['steps']} steps, loss {_num(s['first_logged_loss'])} → {_num(s['last_logged_loss'])}, "
+            f"{s['train_samples']} samples ({s['dropped_overlong']} dropped as overlong)")
+    if s.get("dev_sample_f1") is not None:
+        line += f", dev-sample F1 {_num(s['dev_sample_f1'])}"
+    if s.get("longest_rationale_tokens"):
+        line += f", longest rationale {s['longest_rationale_tokens']} tokens"
+    return [line]
+
+
+def _difficulty(p: Path) -> list[str]:
+    s = _json(p, "data/difficulty/difficulty_summary.json")
+    return [f"{s['facts']} facts: {s['solved']} solved, {s['learnable']} learnable, {s['hard']} hard "
+            f"(mean pass rate {_num(s['mean_pass_rate'], 2)})"]
+
+
+def _curriculum(p: Path) -> list[str]:
+    s = _json(p, "data/curriculum/plan.json")
+    return [f"{s['total']} prompts, {s['mode']}" + (f", {len(s['warnings'])} warnings" if s.get("warnings") else "")]
+
+
+def _grpo(p: Path) -> list[str]:
+    s = _json(p, "models/grpo/grpo_summary.json")
+    return [f"{s['steps']} steps, reward {_num(s['reward_first'])} → {_num(s['reward_last'])}"]
+
+
+def _evaluate(p: Path) -> list[str]:
+    m = _json(p, "reports/eval/metrics.json")
+    chosen = (_json(p, "reports/eval/chosen.json") or {}).get("model_dir")
+    lines = [f"{name}: dev F1 {_interval(c, 'dev_f1')}, test F1 {_interval(c, 'test_f1')}"
+             for name, c in (m.get("candidates") or {}).items()]
+    for name, c in (m.get("comparisons") or {}).items():
+        if "dev" in c and "delta_f1" in c["dev"]:
+            lines.append(f"{name.replace('_vs_', ' − ')}: dev ΔF1 {_signed_interval(c['dev'], 'delta_f1')}")
+    if not lines:  # an evaluation of one model without candidates
+        lines = [f"dev F1 {_interval(m['dev'], 'f1')}, test F1 {_interval(m['test'], 'f1')}"]
+    if chosen:
+        lines[0] = f"chosen {chosen}; " + lines[0]
+    return lines
+
+
+def _register(p: Path) -> list[str]:
+    r = _json(p, "reports/registry/registered.json")
+    d = r["promotion"]
+    line = f"{r['model_name']} version {r['version']} (challenger); {d['decision']}: {d['reason']}"
+    return [line + (f"; champion: {d['model_name']} version {d['served_version']}" if d.get("served_version") else "")]
+
+
+def _flywheel(p: Path) -> list[str]:
+    r = _json(p, "data/flywheel/report.json")
+    if not r["enabled"]:
+        return ["off (flywheel.enabled)"]
+    return [f"{r['blind_spots']} blind spots in {r['facts']} facts, {r['sent']} sent, {r['usable']} usable"]
+
+
+# stage -> its facts, from the outputs its command writes in dvc.yaml (lines: the first, then continuations)
+STAGE_FACTS = {
+    "ingest": _ingest,
+    "validate_facts": lambda p: [_gate(_json(p, "data/validation/facts/report.json"))],
+    "synthesize": _synthesize,
+    "validate_sft": lambda p: [_gate(_json(p, "data/validation/sft/report.json"))],
+    "sft": _sft,
+    "difficulty": _difficulty,
+    "curriculum": _curriculum,
+    "grpo": _grpo,
+    "evaluate": _evaluate,
+    "validate_predictions": lambda p: [_gate(_json(p, "data/validation/predictions/report.json"))],
+    "register": _register,
+    "flywheel": _flywheel,
+}
+
+
+def stage_facts(project_dir: str | Path, stage: str) -> list[str]:
+    """What `stage`'s outputs in the workspace say, in lines (none when the stage has no summary or its output is
+    missing or of another shape)."""
+    try:
+        return STAGE_FACTS[stage](Path(project_dir)) if stage in STAGE_FACTS else []
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError):
+        return []
+
+
+def champion_metrics(project_dir: str | Path) -> dict | None:
+    """The served model's headline figures (`HEADLINE_METRICS`): those of the chosen model when the last registration
+    made it champion (or it already was), else the champion version's registry tags (`served_version` of the
+    decision); None when there is no champion or the registry cannot say."""
+    project = Path(project_dir)
+    registered, chosen = _json(project, "reports/registry/registered.json"), _json(project, "reports/eval/chosen.json")
+    if not registered:
+        return None
+    decision = registered.get("promotion") or {}
+    version, model = decision.get("served_version"), decision.get("model_name")
+    if version is None:
+        return None
+    metrics = None
+    if decision.get("decision") in ("promoted", "already_champion") and chosen:
+        metrics = chosen.get("metrics") or {}
+    else:
+        try:
+            from mlflow import MlflowClient
+
+            tags = MlflowClient().get_model_version(model, version).tags
+            metrics = {k: float(tags[k]) for k in HEADLINE_METRICS if k in tags}
+        except Exception:  # noqa: BLE001 - no registry here, or the version is gone: nothing to report
+            return None
+    figures = {k: float(metrics[k]) for k in HEADLINE_METRICS if isinstance(metrics.get(k), (int, float))}
+    return {"model_name": model, "version": str(version), "metrics": figures} if figures else None
+
+
+def headline_lines(project_dir: str | Path, champion: dict | None = None) -> list[str]:
+    """The current headline: the champion and its figures, and the last promotion decision."""
+    project = Path(project_dir)
+    lines = []
+    if champion:
+        m = champion["metrics"]
+        lines.append(f"champion {champion['model_name']} version {champion['version']}: dev F1 {_interval(m, 'dev_f1')}, "
+                     f"test F1 {_interval(m, 'test_f1')}")
+    registered = _json(project, "reports/registry/registered.json")
+    if registered and registered.get("promotion"):
+        d = registered["promotion"]
+        lines.append(f"last promotion decision on {registered['model_name']} version {registered['version']}: "
+                     f"{d['decision']}: {d['reason']}")
+    return lines
+
+
+def run_summary(project_dir: str | Path, results: list[dict], champion: dict | None = None,
+                dvc_experiment: dict | None = None) -> list[str]:
+    """The closing summary of a pipeline run: one line per stage (status, seconds, what its outputs say), then the
+    headline; a run that ran nothing says "nothing changed" and gives the headline only. For a profile run the
+    outputs are in the DVC experiment, not the workspace: the stages and the experiment only."""
+    ran = [r for r in results if r["status"] == "ran"]
+    failed = [r for r in results if r["status"] == "failed"]
+    if dvc_experiment:
+        return ([f"morer1 pipeline: profile {dvc_experiment['profile']} as DVC experiment "
+                 f"{dvc_experiment['experiment']}: {len(ran)} stages differ from the workspace"]
+                + [f"  {r['stage']:<15}{r['status']}" for r in results])
+    if not ran and not failed:
+        return [f"morer1 pipeline: nothing changed: all {len(results)} stages are up to date"] + [
+            f"  {line}" for line in headline_lines(project_dir, champion)]
+    lines = [f"morer1 pipeline: {len(ran)} stages ran, {len(results) - len(ran) - len(failed)} up to date"
+             + (f", {failed[0]['stage']} failed" if failed else "")]
+    width = max([14, *(len(r["stage"]) for r in results)]) + 1
+    for r in results:
+        seconds = "" if r["seconds"] is None else f"{r['seconds']:.0f} s"
+        facts = [] if r["status"] == "failed" else stage_facts(project_dir, r["stage"])
+        status = "up to date" if r["status"] == "skipped" else r["status"]
+        lines.append(f"  {r['stage']:<{width}}{status:<11}{seconds:>7}  {facts[0] if facts else ''}".rstrip())
+        lines += [f"  {'':<{width}}{'':<11}{'':>7}  {more}" for more in facts[1:]]
+    if not failed:
+        lines += [f"  {line}" for line in headline_lines(project_dir, champion)[:1]]
+    return lines
+
+
 def summary_markdown(project_dir: str | Path, results: list[dict], run_id: str, experiment_id: str,
-                     dvc_experiment: dict | None = None) -> str:
-    """The pipeline summary: MLflow run, stage table, and the outputs of `evaluate` (`reports/eval/metrics.json`)
-    and `register` (`reports/registry/registered.json`) when those stages succeeded in `results`.
+                     dvc_experiment: dict | None = None, champion: dict | None = None) -> str:
+    """The pipeline summary: MLflow run, stage table (with what each stage's outputs say, `stage_facts`), the
+    champion's headline figures (`champion_metrics`), and the outputs of `evaluate` (`reports/eval/metrics.json`)
+    and `register` (`reports/registry/registered.json`) when those stages succeeded in `results`. A run that ran
+    nothing says so first.
 
     For a profile run (`dvc_experiment`: its name, profile, rev), the outputs are in the experiment, not in the
     workspace: the summary names the experiment instead of reading the workspace's reports.
     """
     project = Path(project_dir)
     done = {r["stage"] for r in results if r["status"] in ("ran", "skipped")}
-    rows = "".join(f"| {r['stage']} | {r['status']} | {'–' if r['seconds'] is None else r['seconds']} |\n"
+
+    def facts(r: dict) -> str:
+        return "" if dvc_experiment or r["status"] == "failed" else "<br>".join(stage_facts(project, r["stage"]))
+
+    rows = "".join(f"| {r['stage']} | {r['status']} | {'–' if r['seconds'] is None else r['seconds']} | {facts(r)} |\n"
                    for r in results)
     text = f"# morer1 pipeline\n\nMLflow run `{run_id}` (experiment `{experiment_id}`)\n\n"
+    if not dvc_experiment and results and all(r["status"] == "skipped" for r in results):
+        text += "**Nothing changed**: every stage is up to date.\n\n"
+    if not dvc_experiment and champion:
+        m = champion["metrics"]
+        text += (f"Champion `{champion['model_name']}` version {champion['version']}: dev F1 "
+                 f"{_interval(m, 'dev_f1')}, test F1 {_interval(m, 'test_f1')}.\n\n")
     if dvc_experiment:
         name = dvc_experiment["experiment"]
         text += (f"Params profile `{dvc_experiment['profile']}`, run as DVC experiment `{name}`"
                  + (f" (`{dvc_experiment['rev'][:7]}`)" if dvc_experiment.get("rev") else "")
                  + f": `dvc exp show` compares it, `dvc exp apply {name}` brings its params and outputs into the "
                  "workspace. A stage `ran` when its dvc.lock entry differs from the workspace's.\n\n")
-    text += f"| stage | status | seconds |\n|---|---|---|\n{rows}"
+    text += f"| stage | status | seconds | outputs |\n|---|---|---|---|\n{rows}"
     if dvc_experiment:
         return text
     metrics_file = project / "reports" / "eval" / "metrics.json"

@@ -85,15 +85,24 @@ def load_section(section: str, model: type[T], path: str | Path | None = DEFAULT
         raise ParamsError(f"{where}: section '{section}': {exc}") from exc
 
 
-def describe(model: type[BaseModel], section: str) -> str:
-    """Help text for a params section, one line per field from the config's own descriptions and defaults."""
+def describe(model: type[BaseModel], section: str, values: dict | None = None, source: str = "params.yaml") -> str:
+    """Help text for a params section, one line per field from the config's own descriptions, each with the value in
+    effect: `values` (the section as the params file `source` sets it; None: no file read) where it sets the key,
+    else the code's default, else `required` (a key the code has no default for and the file does not set)."""
     lines = []
     for name, field in model.model_fields.items():
         key = f"{section}.{name}"
         annotation = field.annotation
+        given = values.get(name) if isinstance(values, dict) else None
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            lines.append(describe(annotation, key))
+            lines.append(describe(annotation, key, given if isinstance(given, dict) else
+                                  ({} if values is not None else None), source))
             continue
-        default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
-        lines.append(f"  {key}: {field.description or ''} ({default})")
+        if isinstance(values, dict) and name in values:
+            effect = f"{source}: {values[name]!r}"
+        elif not field.is_required():
+            effect = f"default {field.get_default(call_default_factory=True)!r}"
+        else:
+            effect = f"required: not set in {source}" if values is not None else f"required: set it in {source}"
+        lines.append(f"  {key}: {field.description or ''} ({effect})")
     return "\n".join(lines)

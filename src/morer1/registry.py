@@ -9,10 +9,16 @@ two models let the pipeline's account register without being able to move `champ
 Register reads only `chosen.json` written by evaluate and the file it names: the model folder and its content hash,
 the label set it was scored with, the metrics the version is tagged with, and `dev_predictions` (evaluate's
 predictions_dev.jsonl: the model's answer to each dev fact), logged in the version's run as `PREDICTIONS_ARTIFACT`.
-Each registered version carries tags `git_commit`, `dvc_lock_sha256`, `data_version`, `model_dir`, `model_sha256`,
-one tag per metric (e.g. `dev_f1`), and the identity of the evaluation its dev metrics came from: `dev_set` (the
+Each registered version carries the few tags a reader filters by: `git_commit`, `data_version`, `model_dir`,
+`model_sha256`, the headline metrics (`HEADLINE_TAGS`: `dev_f1` with its interval `dev_f1_lo`/`dev_f1_hi`, `test_f1`;
+and `register.metric` with its interval), the identity of the evaluation its dev metrics came from: `dev_set` (the
 fingerprint of the dev facts scored, see `dev_set`) and `dev_eval` (the evaluate settings that scored them, as JSON),
-and `serve_config` (the logged pyfunc's `model_config`, as JSON).
+`serve_config` (the logged pyfunc's `model_config`, as JSON), and once promotion has run `promotion.decision`,
+`promotion.reason` and the whole decision as JSON tag `promotion`. The rest of its lineage (every metric, the
+baselines, `dvc.lock`'s hash, the training settings) is `LINEAGE_ARTIFACT` in the version's run, which also holds the
+model card (`CARD_ARTIFACT`; the logged model holds it as `README.md`, so a download of the model carries it).
+Versions registered before carry one tag per metric, `dvc_lock_sha256` and `promotion.<field>` tags; promotion still
+reads them.
 
 Registration and promotion survive being killed at any point and rerun: a candidate version with the same
 `model_sha256`, `data_version`, `dev_set`, `dev_eval` and `serve_config` is reused (its tags and predictions set
@@ -60,7 +66,13 @@ DEV_SET_TAG = "dev_set"  # fingerprint of the dev facts a version's dev metrics 
 DEV_EVAL_TAG = "dev_eval"  # JSON of the evaluate settings that computed them
 SERVE_TAG = "serve_config"  # JSON of the logged pyfunc's model_config (the served model's generation and limits)
 IDENTITY_TAGS = ("model_sha256", "data_version", DEV_SET_TAG, DEV_EVAL_TAG, SERVE_TAG)  # one registration
-PROMOTION_TAG = "promotion"  # on a copy in the served model: the decision that made it champion, as JSON
+PROMOTION_TAG = "promotion"  # the decision as JSON: on a candidate the latest, on a copy the one that made it champion
+DECISION_TAGS = ("decision", "reason")  # also as `promotion.<field>` tags on a candidate: readable, filterable
+# metric tags of a version (with register.metric and its interval); every metric is a metric of its run
+HEADLINE_TAGS = ("dev_f1", "dev_f1_lo", "dev_f1_hi", "test_f1")
+RETIRED_TAGS = ("dvc_lock_sha256",)  # tags of versions registered before, now in LINEAGE_ARTIFACT
+LINEAGE_ARTIFACT = "lineage.json"  # in a version's run: hashes, every metric, baselines, training settings
+CARD_ARTIFACT = "MODEL_CARD.md"  # in a version's run (and `README.md` in its logged model): the model card
 PREDICTIONS_ARTIFACT = "evaluation/dev_predictions.jsonl"  # in a version's run: its answer to each dev fact
 PREDICTION_KEYS = ("id", "image", "relation", "predicted")  # what pairing reads of each row of it
 SAME_DATA = "own predictions, same dev set"  # `champion_scored` when the champion's logged predictions are paired
@@ -153,12 +165,15 @@ def dev_tags(chosen: dict) -> dict[str, str]:
     return {DEV_SET_TAG: chosen["dev_set"], DEV_EVAL_TAG: json.dumps(chosen["dev_eval"], sort_keys=True)}
 
 
-def version_tags(metrics: dict, tags: dict) -> dict[str, str]:
-    """The tags of a candidate version: code and data versions, one per metric, and `tags`."""
+def version_tags(metrics: dict, tags: dict, metric: str = "dev_f1") -> dict[str, str]:
+    """The tags of a candidate version: code and data versions, the headline metrics of `metrics` (`HEADLINE_TAGS`,
+    and `metric`, the one promotion compares, with its interval), and `tags`."""
     from morer1 import tracking
 
-    return {**tracking.version_tags(), "data_version": data_version(),
-            **{name: repr(float(value)) for name, value in metrics.items()}, **{k: str(v) for k, v in tags.items()}}
+    keep = {*HEADLINE_TAGS, metric, f"{metric}_lo", f"{metric}_hi"}
+    return {"git_commit": tracking.git_commit(), "data_version": data_version(),
+            **{name: repr(float(value)) for name, value in metrics.items() if name in keep},
+            **{k: str(v) for k, v in tags.items()}}
 
 
 def identity(tags: dict[str, str]) -> tuple[str, ...] | None:
@@ -182,7 +197,8 @@ def register_version(model_uri: str, cfg: RegisterConfig, metrics: dict, tags: d
     `challenger`."""
     from mlflow import MlflowClient
 
-    registered = mlflow.register_model(model_uri, cfg.candidates_model_name, tags=version_tags(metrics, tags))
+    registered = mlflow.register_model(model_uri, cfg.candidates_model_name,
+                                       tags=version_tags(metrics, tags, cfg.metric))
     client = MlflowClient()
     client.set_registered_model_alias(cfg.candidates_model_name, CHALLENGER, registered.version)
     return client.get_model_version(cfg.candidates_model_name, registered.version)
@@ -223,11 +239,13 @@ def register_model(model_dir: str | Path, labels_path: str | Path, predictions: 
     """Log the dev predictions file and the model as a pyfunc in the active run, register it as a candidate, alias it
     `challenger`.
 
-    `metrics` must hold `cfg.metric`; every metric becomes a run metric and a version tag. `predictions` (evaluate's
+    `metrics` must hold `cfg.metric`; every metric becomes a run metric, the headline ones also version tags
+    (`version_tags`). `predictions` (evaluate's
     predictions_dev.jsonl, checked by the caller) is logged as `PREDICTIONS_ARTIFACT`, before the model, so every
     version's run holds it. A candidate version with the same `identity` (a rerun after a kill, or of the same model
-    on the same data) is reused: its tags and its run's predictions are set to this registration's and it becomes
-    `challenger`; nothing else is logged or registered again.
+    on the same data) is reused: its tags and its run's predictions are set to this registration's (the metric and
+    retired tags of a version registered before are removed) and it becomes `challenger`; nothing else is logged or
+    registered again.
     """
     from mlflow import MlflowClient
 
@@ -241,7 +259,8 @@ def register_model(model_dir: str | Path, labels_path: str | Path, predictions: 
             raise BadInputError(f"{path}: missing")
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
     client = MlflowClient()
-    wanted = version_tags(metrics, {**tags, SERVE_TAG: json.dumps(serve_model_config(cfg), sort_keys=True)})
+    wanted = version_tags(metrics, {**tags, SERVE_TAG: json.dumps(serve_model_config(cfg), sort_keys=True)},
+                          cfg.metric)
     existing = registered_as(client, cfg.candidates_model_name, wanted)
     text = Path(predictions).read_text(encoding="utf-8")
     if existing is None:
@@ -252,6 +271,9 @@ def register_model(model_dir: str | Path, labels_path: str | Path, predictions: 
     for key, value in wanted.items():
         if existing.tags.get(key) != value:
             client.set_model_version_tag(cfg.candidates_model_name, existing.version, key, value)
+    for key in existing.tags:
+        if key not in wanted and (key in metrics or key in RETIRED_TAGS):
+            client.delete_model_version_tag(cfg.candidates_model_name, existing.version, key)
     client.set_registered_model_alias(cfg.candidates_model_name, CHALLENGER, existing.version)
     mlflow.set_tag("morer1.reused_version", str(existing.version))
     return client.get_model_version(cfg.candidates_model_name, existing.version)
@@ -271,12 +293,36 @@ def version_by_alias(client, name: str, alias: str) -> ModelVersion | None:
 
 
 def tag_metric(model_version: ModelVersion, metric: str) -> float | None:
-    """The metric a version's tag records, or None when absent or not a number."""
+    """The metric a version records: its tag (a headline metric, or any metric of a version registered before
+    versions carried only those), else its run's metric; None when neither holds a finite number."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
     try:
         value = float(model_version.tags[metric])
     except (KeyError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
+        value = None
+        if model_version.run_id:
+            try:
+                value = MlflowClient().get_run(model_version.run_id).data.metrics.get(metric)
+            except MlflowException:  # the run was deleted
+                value = None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def recorded_decision(model_version: ModelVersion) -> dict:
+    """The promotion decision a version records as JSON tag `promotion` ({} when none or unreadable)."""
+    try:
+        recorded = json.loads(model_version.tags.get(PROMOTION_TAG) or "{}")
+    except ValueError:
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def decided_at(candidate: ModelVersion) -> str | None:
+    """The timestamp of the latest decision recorded on a candidate version: its `promotion` tag's, or the
+    `promotion.timestamp` tag of a version decided before decisions were one JSON tag."""
+    return recorded_decision(candidate).get("timestamp") or candidate.tags.get("promotion.timestamp")
 
 
 def evaluation_of(model_version: ModelVersion) -> tuple[str, str] | None:
@@ -461,15 +507,16 @@ def decision_line(decision: dict) -> str:
 
 
 def tag_decision(client, cfg: RegisterConfig, challenger: ModelVersion, decision: dict) -> None:
-    """Record `decision` as `promotion.*` tags on the challenger's candidate version (the timestamp last: a rerun
-    that finds it missing writes them again)."""
-    for key in ("decision", "reason", "rule", "metric", "min_delta", "confidence", "challenger_value",
-                "champion_value", "delta", "delta_lo", "delta_hi", "p_value", "n_facts", "n_pairs", "wins", "losses",
-                "champion_scored", "champion_tag_value", "champion_version", "served_version",
-                "challenger_data_version", "champion_data_version", "challenger_dev_set", "champion_dev_set",
-                "timestamp"):
-        client.set_model_version_tag(cfg.candidates_model_name, challenger.version, f"promotion.{key}",
-                                     str(decision[key]))
+    """Record `decision` on the challenger's candidate version: `promotion.decision` and `promotion.reason`, then the
+    whole decision as JSON tag `promotion` (last: a rerun that finds its timestamp missing writes them again). The
+    `promotion.<field>` tags of an earlier decision recorded field by field are removed."""
+    name, version = cfg.candidates_model_name, challenger.version
+    for key in DECISION_TAGS:
+        client.set_model_version_tag(name, version, f"promotion.{key}", str(decision[key]))
+    for key in challenger.tags:
+        if key.startswith("promotion.") and key.partition(".")[2] not in DECISION_TAGS:
+            client.delete_model_version_tag(name, version, key)
+    client.set_model_version_tag(name, version, PROMOTION_TAG, json.dumps(decision))
 
 
 def judge(cfg: RegisterConfig, champion: ModelVersion, challenger: ModelVersion, decision: dict,
@@ -527,7 +574,8 @@ def promote(cfg: RegisterConfig) -> dict:
     missing where promote runs, or not the challenger's dev set), or the two answer other facts, the decision is
     "refused" with the reason and the champion stays. A promotion that finds the challenger no better within the
     interval is "kept". The decision, with both point values, the difference, its interval and p-value, both data
-    versions and dev sets, is recorded as `promotion.*` tags on the challenger's candidate version (a re-score also as
+    versions and dev sets, is recorded on the challenger's candidate version (`tag_decision`: JSON tag `promotion`,
+    with `promotion.decision` and `promotion.reason`; a re-score also as
     `rescored.<dev set>.<metric>` on the champion's version) and returned.
 
     Every write to the served model comes before the move: the re-score tag, the copy of the candidate version
@@ -550,10 +598,12 @@ def promote(cfg: RegisterConfig) -> dict:
     decision = decision_base(cfg, challenger, champion)
     if champion is not None and champion.source == candidate_uri(cfg, challenger.version):
         recorded = json.loads(champion.tags.get(PROMOTION_TAG) or "{}")
-        if recorded.get("challenger_version") == str(challenger.version) and challenger.tags.get(
-                "promotion.timestamp") != recorded.get("timestamp"):  # killed between the alias move and the tags
+        if recorded.get("challenger_version") == str(challenger.version) and decided_at(
+                challenger) != recorded.get("timestamp"):  # killed between the alias move and the tags
             tag_decision(client, cfg, challenger, recorded)
             return recorded
+        if recorded.get("challenger_version") == str(challenger.version) and PROMOTION_TAG not in challenger.tags:
+            tag_decision(client, cfg, challenger, recorded)  # decided before decisions were one JSON tag: as now
         return {**decision, "decision": "already_champion",
                 "reason": f"candidate version {challenger.version} is already champion (version {champion.version} "
                           f"of {cfg.model_name!r})"}
@@ -572,6 +622,9 @@ def promote(cfg: RegisterConfig) -> dict:
             copy = copy_of(client, cfg, challenger) or client.copy_model_version(
                 candidate_uri(cfg, challenger.version), cfg.model_name)
             decision["served_version"] = str(copy.version)
+            for key in copy.tags:  # the copy took the candidate's tags, an earlier decision's among them
+                if key.startswith("promotion."):
+                    client.delete_model_version_tag(cfg.model_name, copy.version, key)
             client.set_model_version_tag(cfg.model_name, copy.version, PROMOTION_TAG, json.dumps(decision))
             client.set_registered_model_alias(cfg.model_name, CHAMPION, copy.version)  # the one move
     tag_decision(client, cfg, challenger, decision)
@@ -588,10 +641,47 @@ def deferred(cfg: RegisterConfig) -> dict:
             "decision": "deferred", "reason": "register.promote is false: the promotion flow decides"}
 
 
+def log_card(registered: ModelVersion, chosen: dict, metrics_path: Path, decision: dict, tmp: Path,
+             params_path: str | Path = "params.yaml") -> str:
+    """Write the version's lineage and model card (`morer1.model_card`) into its run (`LINEAGE_ARTIFACT`,
+    `CARD_ARTIFACT`) and the card as `README.md` into its logged model; return the card. The settings are those of
+    `params_path` (the run's params.yaml; none when it is missing), the baselines those of evaluate's metrics.json
+    beside chosen.json. Logged again by a rerun (a reused version): the files are replaced, nothing is added."""
+    from mlflow import MlflowClient
+
+    from morer1 import model_card, tracking
+    from morer1.params import read_params
+    from morer1.prompt import TEMPLATES, model_prompt, template
+
+    params = read_params(params_path) if Path(params_path).is_file() else {}
+    evaluated = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else None
+    info = model_card.lineage(chosen, registered.tags, tracking.dvc_lock_hash(), params, evaluated,
+                              {"name": registered.name, "version": str(registered.version),
+                               "run_id": registered.run_id})
+    info["demo"] = model_card.is_demo(params)
+    prompt = model_prompt(chosen["model_dir"])
+    confidence = float((params.get("evaluate") or {}).get("confidence", 0.95))
+    card = model_card.render(info, decision, prompt, template(prompt), TEMPLATES[prompt][1], confidence,
+                             model_card.parameter_count(chosen["model_dir"]))
+    client = MlflowClient()
+    client.log_dict(registered.run_id, info, LINEAGE_ARTIFACT)
+    client.log_text(registered.run_id, card, CARD_ARTIFACT)
+    # the version's logged model (MLflow 3: the version's source `models:/m-...`; its model_id is not always set)
+    source = registered.source or ""
+    model_id = getattr(registered, "model_id", None) or (source[len("models:/"):] if source.startswith(
+        "models:/m-") else None)
+    if model_id:  # its download (models:/<name>/<version>, models:/morer1@champion) carries the card
+        readme = tmp / "README.md"
+        readme.write_text(card, encoding="utf-8")
+        client.log_model_artifact(model_id, str(readme))
+    return card
+
+
 def run(cfg: RegisterConfig, chosen_path: str | Path, out_dir: str | Path) -> dict:
     """Register the model of evaluate's `chosen.json` as `challenger` of the candidates model (tagged with its metrics
-    and the evaluation they came from, with its dev predictions), run the promotion gate when `cfg.promote`, write
-    `out_dir/registered.json`; return it (candidates model name, version, model folder, the promotion decision).
+    and the evaluation they came from, with its dev predictions), run the promotion gate when `cfg.promote`, log the
+    version's lineage and model card (`log_card`), write `out_dir/MODEL_CARD.md` and `out_dir/registered.json`; return
+    the latter (candidates model name, version, model folder, the promotion decision).
 
     BadInputError before anything is logged when the model folder changed since evaluate, or chosen.json names no
     dev predictions (an older evaluate's) or they are missing or malformed."""
@@ -618,6 +708,8 @@ def run(cfg: RegisterConfig, chosen_path: str | Path, out_dir: str | Path) -> di
         summary = {"model_name": cfg.candidates_model_name, "version": str(registered.version), "model_dir": model_dir,
                    "promotion": decision}
         out_dir.mkdir(parents=True, exist_ok=True)
+        card = log_card(registered, chosen, Path(chosen_path).parent / "metrics.json", decision, Path(tmp))
+        write_text_atomic(out_dir / CARD_ARTIFACT, card)
         write_text_atomic(out_dir / "registered.json", json.dumps(summary, indent=1) + "\n")
         mlflow.set_tags({"morer1.registered_version": summary["version"], "morer1.promotion": decision["decision"]})
         tracking.log_summary(summary)

@@ -50,7 +50,7 @@ SCRIPT = """
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin: .5em 0 1em; }
-td, th { border: 1px solid #ccc; padding: .2em .5em; text-align: right; }
+td, th { border: 1px solid #ccc; padding: .2em .5em; text-align: right; white-space: nowrap; }
 td:first-child, th:first-child { text-align: left; }
 .filters { position: sticky; top: 0; background: #fff; padding: .5em 0; border-bottom: 1px solid #ccc; }
 .sample { border: 1px solid #ccc; border-radius: 6px; padding: .8em; margin: 1em 0; }
@@ -324,11 +324,15 @@ def _counts_html(rows: list[dict]) -> str:
            f"<span class='badge wrong'>{len(rows) - n_right} wrong</span> "
            f"({predicted['invalid']} invalid answers)</p>",
            "<h2>Per relation</h2><table><tr><th>relation</th><th>gold</th><th>predicted</th><th>right</th>"
-           "<th>wrong</th></tr>"]
+           "<th title='answered this relation, gold is another'>wrong: false positives</th>"
+           "<th title='gold is this relation, answered another (or invalid)'>wrong: false negatives</th></tr>"]
+    # a false positive of a relation is an answer of it whose gold is another: predicted - right; a false negative
+    # is a fact of that gold answered otherwise: gold - right (an invalid answer is a false positive of `invalid`)
     for lab in sorted(set(gold) | set(predicted)):
         out.append(f"<tr><td>{_e(lab)}</td><td>{gold[lab]}</td><td>{predicted[lab]}</td><td>{right[lab]}</td>"
-                   f"<td>{gold[lab] - right[lab]}</td></tr>")
-    out.append("</table>")
+                   f"<td>{predicted[lab] - right[lab]}</td><td>{gold[lab] - right[lab]}</td></tr>")
+    out.append("</table><p class='meta'>false positives: answered this relation, gold is another; "
+               "false negatives: gold is this relation, answered another or invalid.</p>")
     return "".join(out)
 
 

@@ -7,7 +7,7 @@ Pyfunc input, a DataFrame with one row per question (extra columns are ignored):
                        (`data:image/png;base64,...`); PNG, JPEG, WebP, GIF or BMP. Never a file path: the
                        served model reads no file a client names (`morer1 predict` reads local files itself)
     title   str        the news title, at most `max_title_chars` characters
-    entity  str        the target entity, as written in the title (the same bound)
+    entity  str        the target entity, as written in the title (the same bound); one not in the title is refused
     box     list[int]  the object box [x0, y0, x1, y1] in integer pixels of `image`, x1 and y1 exclusive
                        (as `object.box` of the ingested facts); it must lie inside the image
 
@@ -62,7 +62,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from pydantic import Field, ValidationError
 
-from morer1.errors import BadInputError
+from morer1.errors import BadInputError, RegistryUnavailable
 from morer1.files import write_jsonl
 from morer1.params import StageConfig
 
@@ -205,6 +205,10 @@ def checked_rows(frame: pd.DataFrame, cfg: ServeConfig) -> list[dict]:
             if len(record[key]) > cfg.max_title_chars:
                 raise RefusedInputError(f"row {i}: {key} has {len(record[key])} characters, more than "
                                         f"max_title_chars={cfg.max_title_chars}")
+        if " ".join(record["entity"].split()) not in " ".join(record["title"].split()):  # spaces may differ
+            raise RefusedInputError(f"row {i}: entity {shorten(record['entity'])} does not occur in the title "
+                                    f"{shorten(record['title'])}: give the entity as it is written in the title "
+                                    "(same spelling and case)")
         box = record["box"]
         values = list(box) if isinstance(box, Iterable) and not isinstance(box, (str, bytes, dict)) else []
         if len(values) != 4 or not all(isinstance(v, Integral) and not isinstance(v, bool) for v in values):
@@ -331,11 +335,47 @@ def load_predictor(model_uri: str | Path, *, labels_path: str | Path | None = No
         predictor = MorePredictor()
         predictor.load(folder, labels, model_config or {})
         return predictor
-    if not folder.exists():  # a registry or run URI: resolve it against the project's tracking store
-        from morer1 import tracking
+    if folder.exists():
+        return mlflow.pyfunc.load_model(str(model_uri), model_config=model_config)
+    if not str(model_uri).startswith(REGISTRY_SCHEMES) and "://" not in str(model_uri):
+        raise BadInputError(f"model {model_uri}: no such folder, nor a model URI (models:/NAME@ALIAS, runs:/ID/PATH)")
+    uri = registry_tracking_uri(str(model_uri))
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.pyfunc.load_model(str(model_uri), model_config=model_config)
+    except MlflowException as exc:
+        message = " ".join(str(exc.message).split())
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryUnavailable(f"{model_uri}: not found in the MLflow registry at {uri} ({message}); "
+                                      f"{SET_REGISTRY}") from None
+        if message.startswith("API request to"):  # the server does not answer (after MLflow's retries)
+            raise RegistryUnavailable(f"{model_uri}: the MLflow registry at {uri} does not answer "
+                                      f"({message[:300]}); {SET_REGISTRY}") from None
+        raise
 
-        tracking.setup()
-    return mlflow.pyfunc.load_model(str(model_uri), model_config=model_config)
+
+REGISTRY_SCHEMES = ("models:", "runs:")
+SET_REGISTRY = ("set MLFLOW_TRACKING_URI to the tracking server or store that holds the model (e.g. "
+                "MLFLOW_TRACKING_URI=http://127.0.0.1:5000, or sqlite:////path/to/project/.state/mlflow.db), "
+                "or give a model folder with --model FOLDER")
+
+
+def registry_tracking_uri(model_uri: str) -> str:
+    """The tracking URI a registry or run URI is resolved against: `MLFLOW_TRACKING_URI`, else the project's local
+    store (`.state/mlflow.db` under the working folder, or `MORER1_STATE_DIR`) when it exists. Outside a project,
+    with neither, RegistryUnavailable, and nothing is created (no `.state/`, no empty store)."""
+    import os
+
+    from morer1 import tracking
+
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    store = tracking.state_dir() / "mlflow.db"
+    if store.is_file():
+        return f"sqlite:///{store}"
+    raise RegistryUnavailable(f"{model_uri} needs an MLflow model registry: MLFLOW_TRACKING_URI is not set and tried "
+                              f"the project store sqlite:///{store}, which does not exist (not in the project "
+                              f"folder?); run from the project folder, or {SET_REGISTRY}")
 
 
 def serving_config(predictor) -> ServeConfig:

@@ -3,18 +3,22 @@
 Runs inside `accelerate launch` (`morer1.training`: checkpoints, resume, LoRA, saving). Loss is on the assistant
 turn only; samples longer than `max_length` are dropped, never truncated (truncation would cut image tokens).
 The image bounds `min_pixels`/`max_pixels` are set on the processor saved with the model, so every later stage
-(difficulty, GRPO, evaluation, serving) sizes images the same way.
+(difficulty, GRPO, evaluation, serving) sizes images the same way. Before a trainer is built, the preflight
+(`morer1.preflight`) checks that the SFT set fits `max_length`, that its completions fit every generation cap, and
+that processor and model agree on the image tokens.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
 from morer1 import tracking
 from morer1.errors import BadInputError
 from morer1.files import read_jsonl
+from morer1.preflight import check_sft, drop_overlong, generation_caps, sequence_length  # noqa: F401 - API of the stage
 from morer1.training import (
     StrictResumeMixin,
     TrainingSettings,
@@ -43,6 +47,13 @@ class SFTConfig(TrainingSettings):
         None, ge=1, description="Larger images are downscaled to at most this many pixels (None: the base "
                                 "processor's own, 12.8 M for Qwen2.5-VL: thousands of image tokens for a large "
                                 "photo); saved with the model's processor. One image token is 28 x 28 pixels.")
+    max_dropped_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="Preflight: fail before training when more than this share of the "
+                                          "training samples is longer than max_length (dropped); all dropped always fails.")
+    generation_caps_check: Literal["fail", "warn"] = Field(
+        "fail", description="Preflight: a generation cap (rollout.max_completion_length, evaluate.max_new_tokens, "
+                            "sft.dev_f1_max_new_tokens, register.max_new_tokens) below the longest SFT rationale "
+                            "fails the stage before training (warn: only logged).")
 
     @model_validator(mode="after")
     def _check_pixels(self) -> SFTConfig:
@@ -57,28 +68,6 @@ def to_dataset(rows: list[dict]):
 
     ds = datasets.Dataset.from_list([{"messages": r["messages"], "images": r["images"]} for r in rows])
     return ds.cast_column("images", datasets.List(datasets.Image()))
-
-
-def sequence_length(processor, messages: list[dict], image_paths: list[str]) -> int:
-    """Tokens of a full conversation with its images, as the model sees it: the text's tokens, each image
-    placeholder counted as the image tokens the processor gives that image's size (read from the file header)."""
-    from PIL import Image
-
-    from morer1.modeling import image_token_count
-
-    text = processor.apply_chat_template(messages, tokenize=False)
-    n_text = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-    n_image = 0
-    for path in image_paths:
-        with Image.open(path) as image:
-            n_image += image_token_count(processor, *image.size) - 1  # the placeholder itself is one text token
-    return n_text + n_image
-
-
-def drop_overlong(rows: list[dict], processor, max_length: int) -> tuple[list[dict], int]:
-    """Rows that fit in `max_length` tokens, and how many were dropped."""
-    kept = [r for r in rows if sequence_length(processor, r["messages"], r["images"]) <= max_length]
-    return kept, len(rows) - len(kept)
 
 
 def supplement_rows(supplement_dir: str | Path | None, data_dir: Path) -> list[dict]:
@@ -96,11 +85,16 @@ def supplement_rows(supplement_dir: str | Path | None, data_dir: Path) -> list[d
 
 
 def run(cfg: SFTConfig, data_dir: str | Path, output: str | Path, curves_dir: str | Path | None = None,
-        supplement_dir: str | Path | None = None) -> dict:
+        supplement_dir: str | Path | None = None, caps: dict[str, int] | None = None) -> dict:
     """Fine-tune `cfg.model` on `data_dir/train.jsonl` plus the flywheel supplement's rows in `supplement_dir`, if
     any (evaluated on `dev.jsonl` if present); save the model, its processor, the prompt template's name and
     `sft_summary.json` to `output`; write the loss and dev-F1 curves into `curves_dir` (`morer1.curves`) when given;
-    log to the stage's MLflow run (main process); return the summary."""
+    log to the stage's MLflow run (main process); return the summary.
+
+    Before the trainer is built, the preflight (`morer1.preflight.check_sft`) checks the SFT set against
+    `cfg.max_length`, the image tokens against the model's vision tower, and the completions against the generation
+    `caps` (params key -> tokens, `preflight.generation_caps`; None: SFT's own dev-curve cap only); PreflightError
+    before anything is trained."""
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
@@ -113,19 +107,28 @@ def run(cfg: SFTConfig, data_dir: str | Path, output: str | Path, curves_dir: st
     with main_process_run("sft", cfg) as main:
         model, processor = load_model_and_processor(cfg.model)
         set_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)
-        train_rows, dropped = drop_overlong(read_jsonl(data_dir / "train.jsonl"), processor, cfg.max_length)
+        train_path, dev_path = data_dir / "train.jsonl", data_dir / "dev.jsonl"
         extra = supplement_rows(supplement_dir, data_dir)
-        extra_rows, extra_dropped = drop_overlong(extra, processor, cfg.max_length)
-        train_rows, dropped = train_rows + extra_rows, dropped + extra_dropped
+        extra_path = Path(supplement_dir) / "train.jsonl" if extra else None
+        train = {train_path: read_jsonl(train_path), **({extra_path: extra} if extra else {})}
+        dev = {dev_path: read_jsonl(dev_path)} if dev_path.exists() else {}
+        if caps is None:
+            caps = generation_caps(None, cfg.dev_f1_every, cfg.dev_f1_max_new_tokens)
+        checked = check_sft(model, processor, train, dev, max_length=cfg.max_length,
+                            max_dropped_fraction=cfg.max_dropped_fraction, caps=caps,
+                            caps_check=cfg.generation_caps_check, check_images=main)
+        extra_rows = checked.kept[extra_path] if extra else []
+        train_rows, dropped = checked.kept[train_path] + extra_rows, checked.numbers["dropped_overlong"]
+        dev_rows = checked.kept.get(dev_path, [])
         if not train_rows:
-            raise ValueError(f"{data_dir / 'train.jsonl'}: no training sample fits in sft.max_length={cfg.max_length}")
-        dev_path = data_dir / "dev.jsonl"
-        dev_rows = drop_overlong(read_jsonl(dev_path), processor, cfg.max_length)[0] if dev_path.exists() else []
+            raise BadInputError(f"preflight: {train_path} holds no training sample")
 
-        data = [(data_dir / "train.jsonl").read_bytes()]
+        data = [train_path.read_bytes()]
         if extra:  # without a supplement the job is the one it was before the flywheel existed
-            data.append((Path(supplement_dir) / "train.jsonl").read_bytes())
-        job = fingerprint(cfg.model_dump(), *data, folder_signature(cfg.model))
+            data.append(extra_path.read_bytes())
+        # the preflight's settings train nothing: a change of them resumes the same job
+        job = fingerprint(cfg.model_dump(exclude={"max_dropped_fraction", "generation_caps_check"}), *data,
+                          folder_signature(cfg.model))
         ckpt_dir, last = checkpoint_folder(cfg.checkpoint_dir, "sft", job)
         args = TRLSFTConfig(
             **cfg.trainer_arguments(ckpt_dir),
@@ -162,6 +165,7 @@ def run(cfg: SFTConfig, data_dir: str | Path, output: str | Path, curves_dir: st
             "train_loss": result.training_loss,
             "first_logged_loss": losses[0] if losses else None, "last_logged_loss": losses[-1] if losses else None,
             "dev_sample_f1": points[-1]["dev_f1"] if points else None,
+            **{k: v for k, v in checked.numbers.items() if k != "dropped_overlong"},
         }
         # the model is asked the way its SFT set was written
         save_model(trainer, processor, output, prompt=model_prompt(data_dir), summary=summary,

@@ -18,6 +18,7 @@ from morer1.files import read_jsonl, swap_in, write_jsonl, write_text_atomic
 from morer1.labels import NONE, read_labels
 from morer1.params import StageConfig
 from morer1.parsing import parse_completion
+from morer1.preflight import PromptBudget, check_prompts, load_processor
 from morer1.prompt import PROMPT_FILE, PromptName, fact_images, prompt_messages, write_prompt_name
 from morer1.teacher_openai import OpenAITeacherConfig
 from morer1.teachers import DemoTeacher, TeacherRequest, TemplateTeacher
@@ -120,9 +121,28 @@ def sft_example(request: TeacherRequest, completion: str, prompt: str) -> dict:
             "relation": request.fact["relation"]}
 
 
-def synthesize(facts_dir: str | Path, output: str | Path, cfg: SynthesizeConfig, teacher=None) -> dict:
+def check_prompts_fit(facts_dir: Path, labels, cfg: SynthesizeConfig, budget: PromptBudget) -> None:
+    """Preflight before the teacher is paid: the student prompts of the facts each split would send, with their two
+    images, against the SFT stage's `max_length` (`morer1.preflight.check_prompts`, with the processor of `sft.model`
+    and its pixel bounds; nothing checked while that folder is not there). PreflightError when SFT would drop more
+    than `max_dropped_fraction` of a split (or all of it) whatever the rationales."""
+    processor = load_processor(budget)
+    if processor is None:
+        return
+    prompts = {}
+    for split in cfg.splits:
+        path = facts_dir / f"{split}.jsonl"
+        if path.exists():  # a missing split is reported by the synthesis itself
+            prompts[split] = [(f["id"], prompt_messages(f, labels, cfg.prompt), fact_images(f, facts_dir))
+                              for f in select_facts(read_jsonl(path), cfg)]
+    check_prompts(processor, prompts, budget)
+
+
+def synthesize(facts_dir: str | Path, output: str | Path, cfg: SynthesizeConfig, teacher=None,
+               budget: PromptBudget | None = None) -> dict:
     """Write `<split>.jsonl` SFT sets, `labels.json`, the prompt record and `report.json` (kept and rejected by
-    reason) into `output`; return the report.
+    reason) into `output`; return the report. With `budget` (the SFT stage's limits) the prompts are checked against
+    them before the teacher is asked (`check_prompts_fit`).
 
     The folder is built beside `output` and swapped in when every split kept enough. When one kept too few,
     `output` (an earlier good set) stays as it was, the run's report is written to `<output>.failed-report.json`
@@ -131,6 +151,8 @@ def synthesize(facts_dir: str | Path, output: str | Path, cfg: SynthesizeConfig,
     if output.exists() and any(not _is_sft_file(p) for p in output.iterdir()):
         raise BadInputError(f"{output}: exists and is not an SFT set; refusing to overwrite it")
     labels = read_labels(facts_dir / "labels.json")
+    if budget is not None:
+        check_prompts_fit(facts_dir, labels, cfg, budget)
     teacher = teacher or make_teacher(cfg)
     staging = output.with_name(output.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -149,6 +171,10 @@ def synthesize(facts_dir: str | Path, output: str | Path, cfg: SynthesizeConfig,
         shutil.rmtree(staging, ignore_errors=True)
     failures = report["teacher_stats"].get("failures") if isinstance(report["teacher_stats"], dict) else None
     why = f"; teacher failures: {', '.join(f'{r} {n}' for r, n in failures.items())}" if failures else ""
+    if isinstance(teacher, DemoTeacher) and any(s["rejected"].get("no_completion") for s in report["splits"].values()):
+        why += ("; the demo teacher only explains the synthetic demo data (morer1 demo-data, docs/demo_data.md) and "
+                "gives no rationale for other facts: for real data set synthesize.teacher: template (rationales from "
+                "the annotations, no endpoint) or openai (an OpenAI-compatible endpoint, docs/method.md)")
     raise SynthesisError(f"{'; '.join(short)}{why} (see {failed}; {output} is unchanged)", report)
 
 
@@ -197,15 +223,16 @@ def _synthesize_into(staging: Path, facts_dir: Path, labels, cfg: SynthesizeConf
     return report
 
 
-def run(cfg: SynthesizeConfig, facts_dir: str | Path, output: str | Path) -> dict:
-    """The synthesize stage: `synthesize` in an MLflow stage run; return the report.
+def run(cfg: SynthesizeConfig, facts_dir: str | Path, output: str | Path, budget: PromptBudget | None = None) -> dict:
+    """The synthesize stage: `synthesize` in an MLflow stage run (`budget`: the SFT stage's limits, checked before
+    the teacher is paid); return the report.
 
     Logs the report (its numbers as metrics) and the first rationales of the first split as a table; a run
     that kept too few logs its report before it fails."""
     output = Path(output)
     with tracking.stage_run("synthesize", cfg):
         try:
-            report = synthesize(facts_dir, output, cfg)
+            report = synthesize(facts_dir, output, cfg, budget=budget)
         except SynthesisError as exc:
             if exc.report is not None:
                 tracking.log_summary(exc.report)  # not the rationales: those in `output` are the earlier set's

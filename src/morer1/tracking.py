@@ -5,6 +5,10 @@ The tracking URI is `MLFLOW_TRACKING_URI` when set, else a SQLite file in the pr
 processes in `MORER1_PARENT_RUN_ID`; a stage run without it is a top-level run.
 `MORER1_RUN_TAGS` (a JSON object) adds tags to every stage run, e.g. the ablation grid and cell of `morer1 ablate`.
 
+The experiment is tagged as a model-training one (`EXPERIMENT_KIND_TAG`), which MLflow 3's UI reads to open it in
+its model-training view rather than the GenAI one (traces, judges), and every stage run carries one source name,
+`morer1 <stage>` (MLflow would name the entry script: `morer1`, or `__main__.py` under `accelerate launch`).
+
 A stage run records the host and pid of its process. A process that is killed outright (SIGKILL, out of memory,
 a lost node) cannot end its run, which would stay RUNNING forever: the next run of the same stage ends such runs as
 KILLED when their process is gone, and a training stage that resumes a checkpoint tags its run with the run that
@@ -31,6 +35,10 @@ DEFAULT_EXPERIMENT = "morer1"
 HOST_TAG, PID_TAG = "morer1.host", "morer1.pid"
 RESUMED_TAG = "resumed_run_id"
 RUN_MARKER = "RUN"  # in a checkpoint folder: the MLflow run that trains into it
+# MLflow 3's experiment kind (its UI's enum ExperimentKind): "custom_model_development" is "Machine learning", the
+# model-training view (runs, metrics, models); without the tag the UI falls back to its GenAI view (traces)
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+SOURCE_TAG = "mlflow.source.name"
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +57,19 @@ def tracking_uri() -> str:
     return f"sqlite:///{state_dir() / 'mlflow.db'}"
 
 
+def in_pipeline() -> bool:
+    """Whether this process runs as a pipeline stage: under `dvc repro` (DVC sets `DVC_STAGE` for a stage's command)
+    or in a flow's parent run (`MORER1_PARENT_RUN_ID`)."""
+    return bool(os.environ.get("DVC_STAGE") or os.environ.get(PARENT_RUN_ENV))
+
+
+def standalone_tracked(asked: bool = False) -> bool:
+    """Whether a command that also runs on its own (`morer1 ingest` checking a release) logs an MLflow run: always as a
+    pipeline stage; on its own only when asked (`--track`) or when `MLFLOW_TRACKING_URI` names a store, so that a
+    check of a folder leaves nothing in the project's experiment (nor a `.state/` where there is no project)."""
+    return asked or in_pipeline() or bool(os.environ.get("MLFLOW_TRACKING_URI"))
+
+
 def setup(experiment: str | None = None):
     """Point mlflow at the tracking store and select the experiment (created on first use); return mlflow."""
     import mlflow
@@ -56,11 +77,26 @@ def setup(experiment: str | None = None):
     local = not os.environ.get("MLFLOW_TRACKING_URI")  # read first: set_tracking_uri exports the variable
     mlflow.set_tracking_uri(tracking_uri())
     name = experiment or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
-    if mlflow.get_experiment_by_name(name) is None:
+    found = mlflow.get_experiment_by_name(name)
+    if found is None:
         location = (state_dir() / "mlartifacts").as_uri() if local else None
-        mlflow.create_experiment(name, artifact_location=location)
+        mlflow.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+    elif EXPERIMENT_KIND_TAG not in (found.tags or {}):  # made before the tag, or by someone else: tag it once
+        mark_training_experiment(found.experiment_id)
     mlflow.set_experiment(name)
     return mlflow
+
+
+def mark_training_experiment(experiment_id: str) -> None:
+    """Tag an experiment as a model-training one (`EXPERIMENT_KIND_TAG`); a kind someone chose in the UI is never
+    replaced (the caller sets it only where none is). An account that may only read the experiment leaves it as is."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient().set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    except MlflowException as exc:
+        logger.info("experiment %s left without %s: %s", experiment_id, EXPERIMENT_KIND_TAG, exc.message)
 
 
 def git_commit(cwd: str | Path = ".") -> str:
@@ -84,6 +120,16 @@ def version_tags(cwd: str | Path = ".") -> dict[str, str]:
     return {"git_commit": git_commit(cwd), "dvc_lock_sha256": dvc_lock_hash(cwd)}
 
 
+def source_tags(name: str, commit: str | None = None) -> dict[str, str]:
+    """MLflow's source tags of a run of `name` (a stage, `pipeline`): source `morer1 <name>` whatever script started
+    the process, and the git commit (`commit`, as `git_commit` gives it) where known, which MLflow itself records only
+    for a script inside the checkout."""
+    tags = {SOURCE_TAG: f"morer1 {name}", "mlflow.source.type": "LOCAL"}
+    if commit and commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+    return tags
+
+
 def flat_params(prefix: str, config: BaseModel) -> dict[str, str]:
     """A config as flat `prefix.field` params (nested models and lists rendered as text)."""
     out = {}
@@ -101,6 +147,7 @@ def stage_run(stage: str, config: BaseModel | None = None):
     mlflow = setup()
     parent = os.environ.get(PARENT_RUN_ENV) or None
     tags = {"morer1.stage": stage, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), **version_tags()}
+    tags.update(source_tags(stage, tags["git_commit"]))
     extra = json.loads(os.environ.get(RUN_TAGS_ENV) or "{}")
     if not isinstance(extra, dict):
         raise ValueError(f"{RUN_TAGS_ENV} must be a JSON object of tags, not {extra!r}")

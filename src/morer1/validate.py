@@ -1,7 +1,11 @@
-"""Validate stages: two Great Expectations gates, each before the stage that would pay for or train on the data.
+"""Validate stages: three Great Expectations gates, each before the stage that would pay for, train on or publish
+what it checks.
 
 `validate_facts` (`run_facts`) gates the ingested facts before the teacher is asked for rationales;
-`validate_sft` (`run_sft`) gates the SFT set before a model is built or trained on it. Each gate runs one
+`validate_sft` (`run_sft`) gates the SFT set before a model is built or trained on it; `validate_predictions`
+(`run_predictions`) gates the chosen model's dev answers and metrics before `register` makes it a challenger and
+may promote it (a model that answers nothing valid, one label only, or no better than the baselines stops there,
+in one line naming the failed check and its params key). Each gate runs one
 suite, a JSON file in `expectations/` (a serialised GE ExpectationSuite), on named pandas batches built from
 the data, with the values of the suite's `{"$PARAMETER": name}` placeholders taken from params `validate:`,
 so the rules are data and the numbers are params. An expectation runs on the batches named in its
@@ -19,6 +23,7 @@ import shutil
 import sys
 import types
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +48,8 @@ REPORT = "report.json"
 DATA_DOCS = "data_docs"
 SUITES_DIR = Path("expectations")  # relative to the project, where DVC runs the gates
 RUN_TIME = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)  # shown in the Data Docs; see _gx_run_id
+INVALID = "invalid"  # an invalid answer (`predicted` null) as a predicted label of its own (as metrics.INVALID)
+BASELINES = ("majority", "random")  # the baselines of metrics.json whose F1 the model must beat
 FACT_COLUMNS = {  # the columns the facts suite checks, and their type
     "id": str, "relation": str, "text": str, "n_tokens": int, "entity_start": int, "entity_end": int,
     "width": int, "height": int, "box_x0": int, "box_y0": int, "box_x1": int, "box_y1": int,
@@ -50,7 +57,7 @@ FACT_COLUMNS = {  # the columns the facts suite checks, and their type
 
 
 class ValidateConfig(StageConfig):
-    """Parameters of both gates (the numbers the suites in `expectations/` refer to)."""
+    """Parameters of the three gates (the numbers the suites in `expectations/` refer to)."""
 
     min_facts_per_split: int = Field(1, ge=0, description="Fewest facts each split must have.")
     none_fraction_min: float = Field(0.3, ge=0.0, le=1.0, description="Lowest share of `none` facts in each split.")
@@ -62,6 +69,17 @@ class ValidateConfig(StageConfig):
     min_sft_rows: int = Field(1, ge=0, description="Fewest rationales each SFT split must keep.")
     rationale_chars_min: int = Field(100, ge=0, description="Shortest acceptable rationale (characters of the assistant turn).")
     rationale_chars_max: int = Field(4000, ge=1, description="Longest acceptable rationale (characters of the assistant turn).")
+    predictions_max_invalid_rate: float = Field(
+        0.2, ge=0.0, le=1.0, description="Highest share of the chosen model's dev answers that may be invalid "
+                                         "(no parsable label in the label set).")
+    predictions_max_label_share: float = Field(
+        0.95, gt=0.0, le=1.0, description="Highest share of the chosen model's dev answers that one predicted label "
+                                          "may take (invalid answers counted as one label): above it the "
+                                          "predictions collapsed.")
+    predictions_min_f1_margin: float = Field(
+        0.01, ge=-1.0, le=1.0, description="How far the lower bound of the chosen model's dev micro-F1 interval must "
+                                           "be above the upper bound of each baseline's (majority, random) at "
+                                           "least; -1: no check.")
 
     @model_validator(mode="after")
     def _none_bounds_ordered(self) -> ValidateConfig:
@@ -103,6 +121,97 @@ def run_sft(cfg: ValidateConfig, sft_dir: Path, out: Path, suites_dir: Path = SU
         return _gate(SuiteRun("sft", batches, cfg.model_dump()), Path(out), suites_dir, cfg)
 
 
+def run_predictions(cfg: ValidateConfig, eval_dir: Path, out: Path, suites_dir: Path = SUITES_DIR) -> dict:
+    """The `validate_predictions` gate: the `predictions` suite on the chosen model's dev answers
+    (`predictions_dev.jsonl`), its dev metrics (`metrics.json`) and label set (`chosen.json`) in `eval_dir`, the
+    evaluate stage's folder; otherwise as `run_facts`, but the DataValidationError is one line: each failed check
+    in words with the `validate.` key that bounds it, then the report's path."""
+    with tracking.stage_run("validate_predictions", cfg):
+        _clear(Path(out))
+        batches, parameters = prediction_batches(Path(eval_dir))
+        run = SuiteRun("predictions", batches, {**cfg.model_dump(), **parameters})
+        return _gate(run, Path(out), suites_dir, cfg,
+                     message=lambda report, where: _predictions_message(report, where, run, suites_dir))
+
+
+def prediction_batches(eval_dir: Path) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """The predictions suite's batches and the parameters they bring (the label set, the dev metrics it checks,
+    the most frequent predicted label): `dev`, one row per dev answer (`predicted`, invalid as INVALID,
+    `is_invalid`, `label_share`: the share of the row's predicted label among all answers), and `metrics`, one row
+    of the chosen model's dev F1 interval against each baseline's (`f1_margin_<baseline>`: the model's lower bound
+    minus the baseline's upper bound). BadInputError when a file or a metric is missing, DataValidationError at the
+    first line of the predictions not shaped as the evaluate stage writes it."""
+    chosen, metrics = (_read_json(eval_dir / name) for name in ("chosen.json", "metrics.json"))
+    try:
+        labels = [str(label) for label in chosen["labels"]]
+    except (KeyError, TypeError):
+        raise BadInputError(f"{eval_dir / 'chosen.json'}: no `labels` (the evaluate stage writes them)") from None
+    keys = ["n", "f1", "f1_lo", "f1_hi", *(f"baseline_{b}_f1{end}" for b in BASELINES for end in ("", "_hi"))]
+    dev = metrics.get("dev") if isinstance(metrics, dict) else None
+    missing = [k for k in keys if not isinstance((dev or {}).get(k), (int, float))]
+    if missing:
+        raise BadInputError(f"{eval_dir / 'metrics.json'}: no number dev.{', dev.'.join(missing)} (the evaluate stage "
+                            f"writes them)")
+    values = {k: float(dev[k]) for k in keys}
+    row = {"id": "dev", **values,
+           **{f"f1_margin_{b}": values["f1_lo"] - values[f"baseline_{b}_f1_hi"] for b in BASELINES}}
+    predictions = _read_predictions(eval_dir / "predictions_dev.jsonl")
+    shares = predictions["predicted"].value_counts(normalize=True)
+    top = str(shares.index[0]) if len(shares) else INVALID  # value_counts: most frequent first
+    predictions = predictions.assign(label_share=predictions["predicted"].map(shares).astype(float))
+    parameters = {"labels": [*labels, INVALID], "top_label": top,
+                  **{f"metrics_{k}": v for k, v in values.items()}, "metrics_n": int(values["n"])}
+    return {"dev": predictions, "metrics": pd.DataFrame([row])}, parameters
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: missing (the evaluate stage writes it)") from None
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+
+
+def _read_predictions(path: Path) -> pd.DataFrame:
+    """`id`, `predicted` (INVALID for null) and `is_invalid` of each line of a predictions file."""
+    rows = []
+    try:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    predicted = record["predicted"]
+                    if not isinstance(record["id"], str) or not (predicted is None or isinstance(predicted, str)):
+                        raise TypeError("id must be a string, predicted a string or null")
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise DataValidationError(
+                        f"{path}:{lineno}: not a prediction line ({type(exc).__name__}: {exc})") from None
+                rows.append({"id": record["id"], "predicted": INVALID if predicted is None else sys.intern(predicted),
+                             "is_invalid": predicted is None})
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: missing (the evaluate stage writes it)") from None
+    return pd.DataFrame(rows, columns=["id", "predicted", "is_invalid"])
+
+
+def _predictions_message(report: dict, out: Path, run: SuiteRun, suites_dir: Path) -> str:
+    """The predictions gate's failure in one line: each failed expectation in the words of its `meta.failure`
+    (its values: the run's parameters and `observed`, the value GE saw), else as in the report, in suite order."""
+    suite = [e.get("meta", {}).get("failure") for e in load_suite(suites_dir / f"{run.name}.json", run)["expectations"]]
+    failed = [(batch, exp) for batch, result in report["suites"][run.name]["batches"].items()
+              for exp in result["expectations"] if not exp["success"]]
+    failed.sort(key=lambda f: suite.index(f[1].get("failure")) if f[1].get("failure") in suite else len(suite))
+    parts = []
+    for batch, exp in failed:
+        try:
+            parts.append(exp["failure"].format(**run.parameters, observed=exp["observed_value"]))
+        except (AttributeError, KeyError, TypeError, ValueError, IndexError):  # no template, or nothing observed
+            parts.append(f"{run.name}/{batch}: {_failure_line(exp)}")
+    return f"{run.name} gate failed: {'; '.join(parts)} (report: {out / REPORT})"
+
+
 def _clear(out: Path) -> None:
     """Remove an earlier gate's output, so a run that stops early leaves no stale verdict; refuse any other folder."""
     if out.exists():
@@ -111,8 +220,10 @@ def _clear(out: Path) -> None:
         shutil.rmtree(out)
 
 
-def _gate(run: SuiteRun, out: Path, suites_dir: Path, cfg: ValidateConfig) -> dict:
-    """Check `run`, log its summary, report and Data Docs to the active MLflow run; raise if it failed."""
+def _gate(run: SuiteRun, out: Path, suites_dir: Path, cfg: ValidateConfig,
+          message: Callable[[dict, Path], str] | None = None) -> dict:
+    """Check `run`, log its summary, report and Data Docs to the active MLflow run; raise if it failed, with
+    `message(report, out)` when given, else one line per failed expectation and the Data Docs' path."""
     import mlflow
 
     report = _check(run, out, suites_dir, cfg.max_examples)
@@ -120,6 +231,8 @@ def _gate(run: SuiteRun, out: Path, suites_dir: Path, cfg: ValidateConfig) -> di
     mlflow.log_artifact(str(out / REPORT))
     mlflow.log_artifacts(str(out / DATA_DOCS), artifact_path=DATA_DOCS)
     if not report["success"]:
+        if message is not None:
+            raise DataValidationError(message(report, out))
         summary = report["summary"]
         raise DataValidationError("\n".join([f"{summary['failed']} of {summary['expectations']} expectations failed:",
                                              *report["failures"], f"Data Docs: {out / report['data_docs']}"]))
@@ -320,7 +433,8 @@ def _validate_batch(context, source, run: SuiteRun, suite: dict, batch: str, max
     """Run the expectations of `suite` that apply to `batch` as the GE suite `<run>.<batch>`; its report."""
     import great_expectations as gx
 
-    expectations = [e for e in suite["expectations"] if batch in e.get("meta", {}).get("batches", [batch])]
+    expectations = [_with_params_keys(e) for e in suite["expectations"]
+                    if batch in e.get("meta", {}).get("batches", [batch])]
     gx_suite = context.suites.add(gx.ExpectationSuite(
         name=f"{run.name}.{batch}", expectations=expectations, meta=dict(suite.get("meta", {})),
         notes=suite.get("notes")))
@@ -336,13 +450,26 @@ def _validate_batch(context, source, run: SuiteRun, suite: dict, batch: str, max
             "expectations": [_expectation_report(r, max_examples) for r in result["results"]]}
 
 
+def _with_params_keys(expectation: dict) -> dict:
+    """The expectation with `meta.params`: each kwarg set by a `{"$PARAMETER": name}` placeholder that is a key of
+    ValidateConfig, as the params key to change (`min_value` -> `validate.none_fraction_min`), so that a failure
+    line names it; values from the data (the label set, the metrics) are no params key."""
+    keys = {kwarg: f"validate.{value['$PARAMETER']}" for kwarg, value in expectation.get("kwargs", {}).items()
+            if isinstance(value, dict) and value.get("$PARAMETER") in ValidateConfig.model_fields}
+    return {**expectation, "meta": {**expectation.get("meta", {}), "params": keys}} if keys else expectation
+
+
 def _expectation_report(result: dict, max_examples: int) -> dict:
     """One expectation's outcome from GE's JSON result: what was checked, what was seen, which rows failed."""
     config, seen = result["expectation_config"], result["result"]
     exception = result["exception_info"]
     if exception and "raised_exception" not in exception:  # GE keys it by metric when metrics fail
         exception = next(iter(exception.values()))
+    failure = (config.get("meta") or {}).get("failure")  # the expectation's failure in words (predictions suite)
+    params = (config.get("meta") or {}).get("params")  # kwarg -> the params key that sets it (_with_params_keys)
     return {
+        **({"failure": failure} if failure else {}),
+        **({"params": params} if params else {}),
         "expectation": config["type"],
         "kwargs": {k: v for k, v in config["kwargs"].items() if k != "batch_id"},
         "success": result["success"],
@@ -355,15 +482,20 @@ def _expectation_report(result: dict, max_examples: int) -> dict:
 
 
 def _failure_line(check: dict) -> str:
-    """`expectation(kwargs): what was seen`, e.g. the observed value or the first failing ids."""
+    """`expectation(kwargs): what was seen`, e.g. the observed value or the first failing ids, then the params keys
+    that set its bounds (`[params: min_value = validate.none_fraction_min, ...]`), the keys to change."""
     args = ", ".join(f"{k}={_short(v)}" for k, v in check["kwargs"].items())
     head = f"{check['expectation']}({args})"
+    keys = check.get("params") or {}
+    named = [f"{k} = {keys[k]}" for k in check["kwargs"] if k in keys] + [
+        f"{k} = {key}" for k, key in keys.items() if k not in check["kwargs"]]  # in the kwargs' order
+    tail = f" [params: {', '.join(named)}]" if named else ""
     if check["exception"]:
-        return f"{head}: error: {check['exception']}"
+        return f"{head}: error: {check['exception']}{tail}"
     if check["unexpected_count"] is None:
-        return f"{head}: observed {check['observed_value']}"
+        return f"{head}: observed {check['observed_value']}{tail}"
     examples = ", ".join(_example(e) for e in check["unexpected_examples"])
-    return f"{head}: {check['unexpected_count']} of {check['element_count']} rows unexpected, e.g. {examples}"
+    return f"{head}: {check['unexpected_count']} of {check['element_count']} rows unexpected, e.g. {examples}{tail}"
 
 
 def _short(value) -> str:
