@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_facts import write_facts
+from tiny_facts import write_sft_project
 
 from configs import small_config
 from morer1.files import read_jsonl
@@ -33,11 +33,7 @@ PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """The template teacher's rationales (the issue's case: the longest ones) and a tiny model built on them."""
-    root = tmp_path_factory.mktemp("preflight")
-    facts = write_facts(root / "facts")
-    synthesize(facts, root / "sft", small_config(SynthesizeConfig, splits=("train",), none_fraction=None))
-    build_tiny_model(root / "tiny", sft_corpus(root / "sft"), small_config(TinyModelConfig, vocab_size=600))
-    return root
+    return write_sft_project(tmp_path_factory.mktemp("preflight"))
 
 
 def _cfg(root, **kw):

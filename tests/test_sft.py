@@ -8,24 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_facts import write_facts
+from tiny_facts import write_sft_project
 
 from configs import small_config
 from morer1.files import read_jsonl
 from morer1.modeling import load_model_and_processor
 from morer1.sft import SFTConfig, drop_overlong, run, sequence_length
-from morer1.synthesize import SynthesizeConfig, synthesize
-from morer1.tiny_model import TinyModelConfig, build_tiny_model, sft_corpus
 from morer1.training import LoraSettings
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sft")
-    facts = write_facts(root / "facts")
-    synthesize(facts, root / "sft", small_config(SynthesizeConfig, splits=("train",), none_fraction=None))
-    build_tiny_model(root / "tiny", sft_corpus(root / "sft"), small_config(TinyModelConfig, vocab_size=600))
-    return root
+    return write_sft_project(tmp_path_factory.mktemp("sft"))
 
 
 def _sft(root, out: str, cfg: SFTConfig) -> dict:

@@ -28,3 +28,16 @@ def write_facts(root):
     (root / "train.jsonl").write_text("".join(json.dumps(f) + "\n" for f in facts))
     (root / "labels.json").write_text(json.dumps(list(DEFAULT_LABELS)))
     return root
+
+
+def write_sft_project(root):
+    """The eight facts in `root/facts`, the template teacher's rationales for them in `root/sft` (train only) and a
+    tiny model built on those rationales in `root/tiny`; `root`."""
+    from configs import small_config
+    from morer1.synthesize import SynthesizeConfig, synthesize
+    from morer1.tiny_model import TinyModelConfig, build_tiny_model, sft_corpus
+
+    facts = write_facts(root / "facts")
+    synthesize(facts, root / "sft", small_config(SynthesizeConfig, splits=("train",), none_fraction=None))
+    build_tiny_model(root / "tiny", sft_corpus(root / "sft"), small_config(TinyModelConfig, vocab_size=600))
+    return root

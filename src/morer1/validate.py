@@ -175,25 +175,36 @@ def _read_json(path: Path):
 
 def _read_predictions(path: Path) -> pd.DataFrame:
     """`id`, `predicted` (INVALID for null) and `is_invalid` of each line of a predictions file."""
-    rows = []
+    rows = [{"id": record_id, "predicted": INVALID if predicted is None else sys.intern(predicted),
+             "is_invalid": predicted is None}
+            for record_id, predicted in _parsed_lines(path, _prediction, "not a prediction line", "evaluate")]
+    return pd.DataFrame(rows, columns=["id", "predicted", "is_invalid"])
+
+
+def _prediction(record: dict) -> tuple[str, str | None]:
+    """`(id, predicted)` of one predictions line; TypeError when they are not a string and a string or null."""
+    predicted = record["predicted"]
+    if not isinstance(record["id"], str) or not (predicted is None or isinstance(predicted, str)):
+        raise TypeError("id must be a string, predicted a string or null")
+    return record["id"], predicted
+
+
+def _parsed_lines(path: Path, parse: Callable[[dict], Any], what: str, writer: str):
+    """`parse` of each non-blank JSON line of `path`, one at a time; DataValidationError `path:line: what (why)` at
+    the first that is not JSON or that `parse` refuses, BadInputError when the file (which stage `writer` writes)
+    is missing."""
     try:
         with path.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
-                    predicted = record["predicted"]
-                    if not isinstance(record["id"], str) or not (predicted is None or isinstance(predicted, str)):
-                        raise TypeError("id must be a string, predicted a string or null")
+                    parsed = parse(json.loads(line))
                 except (ValueError, KeyError, TypeError) as exc:
-                    raise DataValidationError(
-                        f"{path}:{lineno}: not a prediction line ({type(exc).__name__}: {exc})") from None
-                rows.append({"id": record["id"], "predicted": INVALID if predicted is None else sys.intern(predicted),
-                             "is_invalid": predicted is None})
+                    raise DataValidationError(f"{path}:{lineno}: {what} ({type(exc).__name__}: {exc})") from None
+                yield parsed
     except FileNotFoundError:
-        raise BadInputError(f"{path}: missing (the evaluate stage writes it)") from None
-    return pd.DataFrame(rows, columns=["id", "predicted", "is_invalid"])
+        raise BadInputError(f"{path}: missing (the {writer} stage writes it)") from None
 
 
 def _predictions_message(report: dict, out: Path, run: SuiteRun, suites_dir: Path) -> str:
@@ -293,20 +304,9 @@ def _read_facts(path: Path) -> pd.DataFrame:
     """The FACT_COLUMNS of one split file, read line by line (one value per column and row is held, not the
     records); DataValidationError at the first record not shaped as in docs/data.md."""
     columns = {name: [] for name in FACT_COLUMNS}
-    try:
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = _fact_row(json.loads(line))
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise DataValidationError(
-                        f"{path}:{lineno}: not a fact record of docs/data.md ({type(exc).__name__}: {exc})") from None
-                for name, values in columns.items():
-                    values.append(row[name])
-    except FileNotFoundError:
-        raise BadInputError(f"{path}: missing (the ingest stage writes it)") from None
+    for row in _parsed_lines(path, _fact_row, "not a fact record of docs/data.md", "ingest"):
+        for name, values in columns.items():
+            values.append(row[name])
     columns["relation"] = [sys.intern(r) for r in columns["relation"]]  # one string per label, not per fact
     return _facts_table(columns)
 
