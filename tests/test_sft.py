@@ -13,7 +13,8 @@ from tiny_facts import write_sft_project
 from configs import small_config
 from morer1.files import read_jsonl
 from morer1.modeling import load_model_and_processor
-from morer1.sft import SFTConfig, drop_overlong, run, sequence_length
+from morer1.preflight import sequence_length
+from morer1.sft import SFTConfig, run
 from morer1.training import LoraSettings
 
 
@@ -128,13 +129,6 @@ def test_a_rewritten_base_model_starts_a_new_job(setup):
     weights = setup / "tiny" / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000_000))
     assert _sft(setup, "out4", cfg)["resumed_from"] is None  # e.g. the tiny model was rebuilt
-
-
-def test_overlong_samples_are_dropped_not_truncated(setup):
-    _, processor = load_model_and_processor(setup / "tiny")
-    rows = read_jsonl(setup / "sft" / "train.jsonl")
-    kept, dropped = drop_overlong(rows, processor, max_length=10)
-    assert kept == [] and dropped == len(rows)
 
 
 def test_pixel_bounds_change_the_image_tokens_and_are_saved_with_the_model(setup):

@@ -587,14 +587,20 @@ def champion_metrics(project_dir: str | Path) -> dict | None:
     return {"model_name": model, "version": str(version), "metrics": figures} if figures else None
 
 
+def _champion_line(champion: dict, word: str = "champion", quote: str = "") -> str:
+    """`champion <model> version <n>: dev F1 … [lo, hi], test F1 …` (`champion_metrics`' figures), the model's name
+    between `quote`s."""
+    m = champion["metrics"]
+    return (f"{word} {quote}{champion['model_name']}{quote} version {champion['version']}: "
+            f"dev F1 {_interval(m, 'dev_f1')}, test F1 {_interval(m, 'test_f1')}")
+
+
 def headline_lines(project_dir: str | Path, champion: dict | None = None) -> list[str]:
     """The current headline: the champion and its figures, and the last promotion decision."""
     project = Path(project_dir)
     lines = []
     if champion:
-        m = champion["metrics"]
-        lines.append(f"champion {champion['model_name']} version {champion['version']}: dev F1 {_interval(m, 'dev_f1')}, "
-                     f"test F1 {_interval(m, 'test_f1')}")
+        lines.append(_champion_line(champion))
     registered = _json(project, "reports/registry/registered.json")
     if registered and registered.get("promotion"):
         d = registered["promotion"]
@@ -653,9 +659,7 @@ def summary_markdown(project_dir: str | Path, results: list[dict], run_id: str, 
     if not dvc_experiment and results and all(r["status"] == "skipped" for r in results):
         text += "**Nothing changed**: every stage is up to date.\n\n"
     if not dvc_experiment and champion:
-        m = champion["metrics"]
-        text += (f"Champion `{champion['model_name']}` version {champion['version']}: dev F1 "
-                 f"{_interval(m, 'dev_f1')}, test F1 {_interval(m, 'test_f1')}.\n\n")
+        text += f"{_champion_line(champion, 'Champion', '`')}.\n\n"
     if dvc_experiment:
         name = dvc_experiment["experiment"]
         text += (f"Params profile `{dvc_experiment['profile']}`, run as DVC experiment `{name}`"

@@ -103,12 +103,6 @@ def sequence_length(processor, messages: list[dict], image_paths: list[str], add
     return n_text + image_tokens(processor, image_paths) - len(image_paths)  # each placeholder is one text token
 
 
-def drop_overlong(rows: list[dict], processor, max_length: int) -> tuple[list[dict], int]:
-    """Rows that fit in `max_length` tokens, and how many were dropped."""
-    kept = [r for r in rows if sequence_length(processor, r["messages"], r["images"]) <= max_length]
-    return kept, len(rows) - len(kept)
-
-
 def completion_text(row: dict) -> str:
     """The assistant turn of an SFT row: the completion the model is taught (think block and answer block)."""
     content = row["messages"][-1]["content"]
@@ -233,26 +227,24 @@ def check_sft(model, processor, train: dict[Path, list[dict]], dev: dict[Path, l
     problem found; with `caps_check` "warn" a short cap is logged instead. Returns the kept rows per file and the
     numbers (`dropped_overlong`, `longest_rationale_tokens`, ...)."""
     result, problems = SFTPreflight(), []
-    lengths: dict[Path, list[int]] = {}
-    for path, records in {**train, **dev}.items():
-        lengths[path] = [sequence_length(processor, r["messages"], r["images"]) for r in records]
-        result.kept[path] = [r for r, n in zip(records, lengths[path], strict=True) if n <= max_length]
-    train_rows = [row for path, records in train.items() for row in rows_of(path, records)]
+    rows = {path: rows_of(path, records) for path, records in {**train, **dev}.items()}
+    lengths = {path: [sequence_length(processor, r.data["messages"], r.data["images"]) for r in rows[path]]
+               for path in rows}
+    kept = {path: [row for row, n in zip(rows[path], lengths[path], strict=True) if n <= max_length] for path in rows}
+    result.kept = {path: [row.data for row in kept[path]] for path in kept}
+    train_rows = [row for path in train for row in rows[path]]
     train_lengths = [n for path in train for n in lengths[path]]
     problem = length_problem(train_rows, train_lengths, max_length, max_dropped_fraction)
     if problem:
         problems.append(problem)
-    kept_rows = [row for path, records in {**train, **dev}.items() for row, n in zip(rows_of(path, records),
-                                                                                    lengths[path], strict=True)
-                 if n <= max_length]
+    kept_rows = [row for path in rows for row in kept[path]]
     completions = completion_lengths(processor.tokenizer, kept_rows)
     problem = caps_problem(kept_rows, completions, caps)
     if problem and caps_check == "warn":
         logger.warning("%s (sft.generation_caps_check: warn, training anyway)", problem)
     elif problem:
         problems.append(problem)
-    first = next((row for path, records in train.items() for row, n in zip(rows_of(path, records), lengths[path],
-                                                                            strict=True) if n <= max_length), None)
+    first = next((row for path in train for row in kept[path]), None)
     if check_images and first is not None:
         problem = image_token_problem(model, processor, first)
         if problem:

@@ -597,7 +597,7 @@ def promote(cfg: RegisterConfig) -> dict:
     champion = version_by_alias(client, cfg.model_name, CHAMPION)
     decision = decision_base(cfg, challenger, champion)
     if champion is not None and champion.source == candidate_uri(cfg, challenger.version):
-        recorded = json.loads(champion.tags.get(PROMOTION_TAG) or "{}")
+        recorded = recorded_decision(champion)
         if recorded.get("challenger_version") == str(challenger.version) and decided_at(
                 challenger) != recorded.get("timestamp"):  # killed between the alias move and the tags
             tag_decision(client, cfg, challenger, recorded)

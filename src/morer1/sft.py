@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 from morer1 import tracking
 from morer1.errors import BadInputError
 from morer1.files import read_jsonl
-from morer1.preflight import check_sft, drop_overlong, generation_caps, sequence_length  # noqa: F401 - API of the stage
+from morer1.preflight import check_sft, generation_caps
 from morer1.training import (
     StrictResumeMixin,
     TrainingSettings,
